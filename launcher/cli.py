@@ -1,0 +1,64 @@
+"""``prune-ofa``: the one command of the project, with a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparse_pretrain import __version__
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override recipe keys, e.g. pruning.final_sparsity=0.85")
+
+
+def cmd_schedule(args) -> int:
+    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.schedule_report import (describe, format_table, plot_schedule, schedule_rows,
+                                                 table_steps)
+    recipe = load_recipe(args.config, args.overrides)
+    steps = sorted(set(args.steps)) if args.steps else table_steps(recipe)
+    bad = [s for s in steps if not 0 <= s < recipe.training.total_steps]
+    if bad:
+        raise SystemExit(f"prune-ofa schedule: --steps {bad} outside [0, {recipe.training.total_steps})")
+    print(describe(recipe))
+    print(format_table(schedule_rows(recipe, steps)))
+    if args.plot:
+        print(f"plot written to {plot_schedule(recipe, args.plot)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prune-ofa",
+        description="Sparse pre-trained language models, the Prune Once for All way: teacher "
+                    "preparation and student pruning on DeepSpeed, transfer and QAT on Accelerate.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    schedule = sub.add_parser("schedule", help="print (and plot) the sparsity and LR curves of a recipe",
+                              description="Print the sparsity schedule and the (rewound) learning rate "
+                                          "of a recipe at selected steps; --plot draws every step.")
+    _add_config_args(schedule)
+    schedule.add_argument("--steps", type=int, nargs="+", help="steps to print (default: key steps)")
+    schedule.add_argument("--plot", metavar="FILE.png", help="also draw both curves into this PNG")
+    schedule.set_defaults(func=cmd_schedule)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from sparse_pretrain.config import ConfigError
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"prune-ofa {args.command}: invalid config: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

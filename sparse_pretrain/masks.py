@@ -1,0 +1,195 @@
+"""Masked parameters: which weights are pruned, their boolean masks, and keeping zeros zero.
+
+A pruned weight is seen through a :class:`PrunedParameter`: the part of it this rank holds (the
+whole tensor in one process or under DDP; a ZeRO partition under DeepSpeed, described by an engine
+adapter), as flat views that are masked in place. Masks are held per shard, so a rank's mask memory
+is one byte per weight element it holds.
+
+:class:`MaskedParameters` is the part shared by the gradual pruner and pattern-lock: apply masks to
+weights and gradients, report sparsity, and save/restore masks (bit-packed).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .threshold import AllReduce
+
+#: Every Linear of a BERT/DistilBERT encoder and the pooler; not embeddings, MLM/NSP or task heads.
+DEFAULT_INCLUDE = (r"(.*\.)?encoder\.layer\.\d+\..+", r"(.*\.)?transformer\.layer\.\d+\..+",
+                   r"(.*\.)?pooler\.dense")
+DEFAULT_MODULE_TYPES = ("Linear",)
+
+
+@dataclass
+class PrunedParameter:
+    """One pruned weight as this rank holds it.
+
+    ``views()`` returns flat views of this rank's elements ``[offset, offset + numel)`` of the
+    flattened weight: the first is read for scores (the fp32 master where there is one), all are
+    masked in place (master and working copies). ``grad()`` returns the flat gradient of the same
+    elements, or None.
+    """
+
+    name: str
+    shape: torch.Size
+    views: Callable[[], list[torch.Tensor]]
+    grad: Callable[[], Optional[torch.Tensor]] = lambda: None
+    offset: int = 0
+    numel: Optional[int] = None
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        if self.numel is None:
+            self.numel = self.shape.numel() - self.offset
+
+    @property
+    def is_whole(self) -> bool:
+        return self.offset == 0 and self.numel == self.shape.numel()
+
+    @classmethod
+    def whole(cls, name: str, param: nn.Parameter) -> "PrunedParameter":
+        """The whole tensor on this process (single process, DDP, Accelerate)."""
+        def grad():
+            return None if param.grad is None else param.grad.view(-1)
+        return cls(name, param.shape, lambda: [param.data.view(-1)], grad)
+
+
+def find_prunable(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
+                  include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
+                  ) -> list[tuple[str, nn.Parameter]]:
+    """The ``weight`` of every module whose type (or a base class) is named in ``module_types``,
+    whose name fully matches one ``include`` regex and no ``exclude`` regex, in model order.
+
+    A pattern that selects nothing is an error naming the config key (``pruning.include[i]``).
+    """
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if any(cls.__name__ in module_types for cls in type(module).__mro__)
+                  and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        for i, pattern in enumerate(patterns):
+            try:
+                regex = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"pruning.{key}[{i}]: {pattern!r} is not a valid regex ({err})") from None
+            if not any(regex.fullmatch(name) for name, _ in candidates):
+                raise ValueError(f"pruning.{key}[{i}]: pattern {pattern!r} matches no "
+                                 f"{'/'.join(module_types)} module of {type(model).__name__}")
+    selected = [(f"{name}.weight", module.weight) for name, module in candidates
+                if any(re.fullmatch(p, name) for p in include)
+                and not any(re.fullmatch(p, name) for p in exclude)]
+    if not selected:
+        raise ValueError("pruning.include/exclude: together they select no weight to prune")
+    return selected
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits (8 elements a byte, first element in the lowest bit)."""
+    flat = mask.reshape(-1).to(torch.uint8).cpu()
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((bits.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+class SparsityPatternError(RuntimeError):
+    """A weight that must be zero is not (a pruned weight grew back)."""
+
+
+class MaskedParameters:
+    """Weights with boolean keep-masks, masked in place."""
+
+    def __init__(self, params: Iterable[PrunedParameter], all_reduce: Optional[AllReduce] = None):
+        self.params = list(params)
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError("pruned parameter names must be unique")
+        self.all_reduce = all_reduce
+        self.masks: dict[str, torch.Tensor] = {
+            p.name: torch.ones(p.numel, dtype=torch.bool, device=p.views()[0].device) for p in self.params}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned weights in place, in every copy (call after each optimizer step)."""
+        for p in self.params:
+            mask = self.masks[p.name]
+            for view in p.views():
+                view.mul_(mask)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights (call between backward and the optimizer step)."""
+        for p in self.params:
+            grad = p.grad()
+            if grad is not None:
+                grad.mul_(self.masks[p.name])
+
+    def _sum(self, counts: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(counts)
+        return counts
+
+    def sparsity(self) -> dict[str, float]:
+        """Per-layer fraction of pruned weights, plus ``"global"`` over all pruned weights."""
+        counts = torch.tensor([[int((~self.masks[p.name]).sum()), p.numel] for p in self.params],
+                              dtype=torch.int64)
+        counts = self._sum(counts)
+        report = {p.name: float(c[0]) / float(c[1]) for p, c in zip(self.params, counts)}
+        totals = counts.sum(0)
+        report["global"] = float(totals[0]) / float(totals[1])
+        return report
+
+    def nonzeros_where_pruned(self) -> dict[str, int]:
+        """Per layer, how many pruned positions hold a nonzero value in any copy (should be 0)."""
+        counts = torch.tensor([max(int(((v != 0) & ~self.masks[p.name]).sum()) for v in p.views())
+                               for p in self.params], dtype=torch.int64)
+        counts = self._sum(counts)
+        return {p.name: int(c) for p, c in zip(self.params, counts)}
+
+    def verify(self) -> None:
+        """Raise :class:`SparsityPatternError` naming each layer where a pruned weight is nonzero."""
+        bad = {name: n for name, n in self.nonzeros_where_pruned().items() if n}
+        if bad:
+            listing = ", ".join(f"{name} ({n})" for name, n in bad.items())
+            raise SparsityPatternError(f"pruned weights are nonzero in {len(bad)} layer(s): {listing}")
+
+    def state_dict(self) -> dict:
+        return {"masks": {p.name: {"bits": pack_mask(self.masks[p.name]), "numel": p.numel,
+                                   "offset": p.offset} for p in self.params}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["masks"]
+        missing = [p.name for p in self.params if p.name not in saved]
+        unexpected = [name for name in saved if name not in self.masks]
+        if missing or unexpected:
+            raise ValueError(f"mask state does not match the pruned parameters: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for p in self.params:
+            entry = saved[p.name]
+            if (entry["numel"], entry["offset"]) != (p.numel, p.offset):
+                raise ValueError(
+                    f"mask of {p.name} was saved for elements [{entry['offset']}, "
+                    f"{entry['offset'] + entry['numel']}) but this rank holds [{p.offset}, "
+                    f"{p.offset + p.numel}): resume with the same world size and ZeRO stage")
+            self.masks[p.name] = unpack_mask(entry["bits"], p.numel).to(self.masks[p.name].device)
+
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """Whole masks shaped like the weights (only for whole, unsharded parameters)."""
+        out = {}
+        for p in self.params:
+            if not p.is_whole:
+                raise ValueError(f"{p.name} is sharded on this rank; gather its mask through the engine")
+            out[p.name] = self.masks[p.name].reshape(p.shape)
+        return out
+
+
+def whole_parameters(named: Iterable[tuple[str, nn.Parameter]]) -> list[PrunedParameter]:
+    return [PrunedParameter.whole(name, param) for name, param in named]

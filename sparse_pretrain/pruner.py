@@ -1,0 +1,103 @@
+"""The gradual magnitude pruner: an optimizer-like object that owns masks and a GMP clock.
+
+Use, once per optimizer step::
+
+    loss.backward()
+    pruner.mask_gradients()      # pruned weights get no update from the gradient
+    optimizer.step(); lr_scheduler.step()
+    pruner.step()                # recompute masks if the schedule says so, then zero pruned weights
+
+Pruned weights are zeroed in place and, when masks are recomputed, units pruned before are
+pruned first: a pruned weight never returns. (The paper's reference code keeps dense shadow
+weights and re-chooses masks from them, so weights can return between policy_end and end; this
+variant is cheaper in memory and is what SparseML does.)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from .gmp_schedule import GMPClock, GMPSchedule
+from .masks import MaskedParameters, PrunedParameter
+from .methods import PruningMethod
+from .threshold import AllReduce, ScoreShard, keep_masks
+
+SCOPES = ("layer", "global")
+
+
+class GradualPruner(MaskedParameters):
+    def __init__(self, params: Iterable[PrunedParameter], method: PruningMethod, schedule: GMPSchedule,
+                 scope: str = "layer", all_reduce: Optional[AllReduce] = None):
+        super().__init__(params, all_reduce)
+        if scope not in SCOPES:
+            raise ValueError(f"pruning.scope: must be one of {SCOPES}, got {scope!r}")
+        if schedule.final_sparsity > method.max_sparsity + 1e-12:
+            raise ValueError(f"pruning.final_sparsity: {schedule.final_sparsity} is above what "
+                             f"method {method.name!r} can reach ({method.max_sparsity})")
+        for p in self.params:
+            problem = method.shape_problem(p.shape)
+            if problem:
+                raise ValueError(f"pruning.method: {p.name}: {problem}")
+            if not p.is_whole and method.name != "unstructured":
+                # Block and N:M units can straddle a ZeRO partition boundary; scoring them needs
+                # the engine adapter's cross-rank exchange (the DeepSpeed trainer provides it).
+                raise NotImplementedError(
+                    f"{method.name!r} pruning of the partitioned weight {p.name} needs an engine "
+                    f"adapter; in one process pass whole parameters")
+        self.method = method
+        self.scope = scope
+        self.clock = GMPClock(schedule)
+
+    @property
+    def schedule(self) -> GMPSchedule:
+        return self.clock.schedule
+
+    def step(self) -> Optional[float]:
+        """After optimizer step t: recompute masks if t is an update step, then apply them.
+        Returns the new target sparsity when masks were recomputed."""
+        target = self.clock.tick()
+        if target is not None:
+            self.update_masks(target)
+        self.apply_masks()
+        return target
+
+    def _score_shards(self) -> list[ScoreShard]:
+        shards = []
+        for p in self.params:
+            values = p.views()[0]
+            mask = self.masks[p.name]
+            if p.is_whole:
+                shards.append(ScoreShard(self.method.scores(values.view(p.shape)), 0,
+                                         self.method.units(mask.view(p.shape))))
+            else:
+                shards.append(ScoreShard(self.method.scores(values.view(1, -1)).view(-1), p.offset, mask))
+        return shards
+
+    def update_masks(self, sparsity: float) -> None:
+        """Recompute every mask at ``sparsity`` from the current weights (no weight changes yet)."""
+        shards = self._score_shards()
+        if self.scope == "layer":
+            groups = [[shard] for shard in shards]
+        else:  # one threshold over all pruned units: positions continue from layer to layer
+            base, groups = 0, [[]]
+            for p, shard in zip(self.params, shards):
+                groups[0].append(shard._replace(offset=base + shard.offset))
+                base += self.method.units_per_weight(p.shape)
+        keeps = [keep for group in keep_masks(groups, sparsity, self.all_reduce) for keep in group]
+        for p, keep in zip(self.params, keeps):
+            if p.is_whole:
+                keep = self.method.expand(keep, p.shape)
+            self.masks[p.name] = keep.reshape(-1).to(self.masks[p.name].device)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(clock=self.clock.state_dict(), method=self.method.name,
+                     method_options=self.method.options(), scope=self.scope)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = (state["method"], state["method_options"], state["scope"])
+        if saved != (self.method.name, self.method.options(), self.scope):
+            raise ValueError(f"the checkpoint was written with method/options/scope {saved}, this run "
+                             f"uses {(self.method.name, self.method.options(), self.scope)}")
+        super().load_state_dict(state)
+        self.clock.load_state_dict(state["clock"])
