@@ -19,9 +19,9 @@ from torch import nn
 
 from .threshold import AllReduce
 
-#: Every Linear of a BERT/DistilBERT encoder and the pooler; not embeddings, MLM/NSP or task heads.
-DEFAULT_INCLUDE = (r"(.*\.)?encoder\.layer\.\d+\..+", r"(.*\.)?transformer\.layer\.\d+\..+",
-                   r"(.*\.)?pooler\.dense")
+#: Every Linear of a BERT (encoder.layer.N) or DistilBERT (transformer.layer.N) encoder and the
+#: pooler; not embeddings, MLM/NSP or task heads. One pattern, so that it matches either family.
+DEFAULT_INCLUDE = (r"(.*\.)?((encoder|transformer)\.layer\.\d+\..+|pooler\.dense)",)
 DEFAULT_MODULE_TYPES = ("Linear",)
 
 
@@ -115,6 +115,10 @@ class MaskedParameters:
         self.all_reduce = all_reduce
         self.masks: dict[str, torch.Tensor] = {
             p.name: torch.ones(p.numel, dtype=torch.bool, device=p.views()[0].device) for p in self.params}
+
+    def step(self) -> None:
+        """After each optimizer step: keep pruned weights at zero."""
+        self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
