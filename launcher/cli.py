@@ -29,6 +29,13 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from launcher.demo import run_demo
+    return run_demo(Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-ofa",
@@ -43,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--steps", type=int, nargs="+", help="steps to print (default: key steps)")
     schedule.add_argument("--plot", metavar="FILE.png", help="also draw both curves into this PNG")
     schedule.set_defaults(func=cmd_schedule)
+    demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
+                          description="Print/plot the paper's schedule and prune the packaged MiniLM-L6 "
+                                      "with every method through the real pruner.")
+    demo.add_argument("--out", default="runs/demo", help="where report.md, report.json and plots go")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -243,13 +243,13 @@ def _value_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("pruning.scope", f"must be 'layer' or 'global', got {p.scope!r}"))
     if d.positions not in POSITIONS:
         problems.append(("distillation.positions", f"must be one of {POSITIONS}, got {d.positions!r}"))
-    if not problems and p.method == "block":
+    if not problems:
         if len(p.block_shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in p.block_shape):
             problems.append(("pruning.block_shape", f"must be two positive integers, got {p.block_shape}"))
-    if not problems and p.method == "nm":
+    if not problems:
         if not (isinstance(p.n, int) and isinstance(p.m, int) and 0 < p.n < p.m):
             problems.append(("pruning.n", f"N:M needs 0 < n < m, got n={p.n}, m={p.m}"))
-        elif abs(p.final_sparsity - (1 - p.n / p.m)) > 1e-9:
+        elif p.method == "nm" and abs(p.final_sparsity - (1 - p.n / p.m)) > 1e-9:
             problems.append(("pruning.final_sparsity",
                              f"N:M {p.n}:{p.m} prunes exactly {1 - p.n / p.m:g}; got {p.final_sparsity}"))
     if not problems and recipe.stage == "student":

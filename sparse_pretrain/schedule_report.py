@@ -41,7 +41,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['step']:>8}  {r['target_sparsity']:>7.4f}  {r['mask_sparsity']:>7.4f}  "
-                     f"{'yes' if r['mask_update'] else '':>6}  {r['lr_factor']:>9.5f}  {r['lr']:>10.3e}")
+                     f"{'yes' if r['mask_update'] else '-':>6}  {r['lr_factor']:>9.5f}  {r['lr']:>10.3e}")
     return "\n".join(lines)
 
 
