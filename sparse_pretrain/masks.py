@@ -105,7 +105,11 @@ class SparsityPatternError(RuntimeError):
 
 
 class MaskedParameters:
-    """Weights with boolean keep-masks, masked in place."""
+    """Weights with boolean keep-masks, masked in place.
+
+    ``all_reduce`` sums across ranks that hold DISJOINT shards of the weights (ZeRO partitions);
+    leave it None where every rank holds whole replicas (one process, DDP).
+    """
 
     def __init__(self, params: Iterable[PrunedParameter], all_reduce: Optional[AllReduce] = None):
         self.params = list(params)
@@ -115,14 +119,22 @@ class MaskedParameters:
         self.all_reduce = all_reduce
         self.masks: dict[str, torch.Tensor] = {
             p.name: torch.ones(p.numel, dtype=torch.bool, device=p.views()[0].device) for p in self.params}
+        self._any_pruned = False
 
     def step(self) -> None:
         """After each optimizer step: keep pruned weights at zero."""
         self.apply_masks()
 
+    def _masks_changed(self) -> None:
+        # Before the first pruning every mask is all ones: masking would cost a pass over every
+        # pruned weight per step for nothing.
+        self._any_pruned = any(not bool(m.all()) for m in self.masks.values())
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the pruned weights in place, in every copy (call after each optimizer step)."""
+        if not self._any_pruned:
+            return
         for p in self.params:
             mask = self.masks[p.name]
             for view in p.views():
@@ -131,6 +143,8 @@ class MaskedParameters:
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradients of pruned weights (call between backward and the optimizer step)."""
+        if not self._any_pruned:
+            return
         for p in self.params:
             grad = p.grad()
             if grad is not None:
@@ -184,6 +198,7 @@ class MaskedParameters:
                     f"{entry['offset'] + entry['numel']}) but this rank holds [{p.offset}, "
                     f"{p.offset + p.numel}): resume with the same world size and ZeRO stage")
             self.masks[p.name] = unpack_mask(entry["bits"], p.numel).to(self.masks[p.name].device)
+        self._masks_changed()
 
     def full_masks(self) -> dict[str, torch.Tensor]:
         """Whole masks shaped like the weights (only for whole, unsharded parameters)."""

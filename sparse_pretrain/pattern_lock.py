@@ -20,6 +20,7 @@ class PatternLock(MaskedParameters):
         super().__init__(params, all_reduce)
         for p in self.params:
             self.masks[p.name] = (p.views()[0] != 0).to(self.masks[p.name].device)
+        self._masks_changed()
 
     @classmethod
     def from_model(cls, model: nn.Module, module_types=DEFAULT_MODULE_TYPES, include=DEFAULT_INCLUDE,

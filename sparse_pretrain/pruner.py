@@ -87,6 +87,7 @@ class GradualPruner(MaskedParameters):
             if p.is_whole:
                 keep = self.method.expand(keep, p.shape)
             self.masks[p.name] = keep.reshape(-1).to(self.masks[p.name].device)
+        self._masks_changed()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -77,7 +77,7 @@ def _radix_select(candidates: list[list[torch.Tensor]], k: list[int], total_bits
         for g in range(groups):
             for d in digits[g]:
                 if d.numel():
-                    hist[g] += torch.bincount(d.long(), minlength=_BINS)
+                    hist[g] += torch.bincount(d, minlength=_BINS)
         cum = _all_reduce(hist, all_reduce).cumsum(1).cpu()
         hist = hist.cpu()
         for g in range(groups):

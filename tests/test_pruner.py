@@ -51,17 +51,21 @@ def make_pruner(model, method="unstructured", scope="layer", final=0.9, **method
     return GradualPruner(params, build_method(method, **method_options), schedule, scope)
 
 
-def train_steps(model, pruner, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    for _ in range(steps):
-        ids = torch.randint(0, 64, (4, 12), generator=g)
-        out = model(input_ids=ids, labels=ids, next_sentence_label=torch.zeros(4, dtype=torch.long))
+def train_on(model, pruner, opt, batches):
+    """The step order of every recipe: backward, mask gradients, optimizer step, pruner step."""
+    for ids in batches:
+        out = model(input_ids=ids, labels=ids, next_sentence_label=torch.zeros(len(ids), dtype=torch.long))
         opt.zero_grad()
         out.loss.backward()
         pruner.mask_gradients()
         opt.step()
         pruner.step()
+
+
+def train_steps(model, pruner, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    train_on(model, pruner, opt, [torch.randint(0, 64, (4, 12), generator=g) for _ in range(steps)])
     return opt
 
 
@@ -131,17 +135,7 @@ def test_resume_is_bitwise_equal():
     # continue A
     g = torch.Generator().manual_seed(99)
     batches = [torch.randint(0, 64, (4, 12), generator=g) for _ in range(5)]
-
-    def cont(model, pruner, opt):
-        for ids in batches:
-            out = model(input_ids=ids, labels=ids, next_sentence_label=torch.zeros(4, dtype=torch.long))
-            opt.zero_grad()
-            out.loss.backward()
-            pruner.mask_gradients()
-            opt.step()
-            pruner.step()
-
-    cont(model_a, pruner_a, opt_a)
+    train_on(model_a, pruner_a, opt_a, batches)
     # B: fresh objects restored from the state
     model_b = tiny_bert(seed=123)
     model_b.load_state_dict(state["model"])
@@ -149,7 +143,7 @@ def test_resume_is_bitwise_equal():
     pruner_b.load_state_dict(state["pruner"])
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, weight_decay=0.01)
     opt_b.load_state_dict(state["opt"])
-    cont(model_b, pruner_b, opt_b)
+    train_on(model_b, pruner_b, opt_b, batches)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
     assert pruner_a.clock.next_step == pruner_b.clock.next_step == 8
