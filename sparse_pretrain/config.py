@@ -35,9 +35,47 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The pre-training data (see ``sparse_pretrain.data``). Every field except ``num_proc`` and
+    ``cache_dir`` is part of the prepared dataset's settings hash."""
     dataset_name: Optional[str] = "wikipedia"
     dataset_config: Optional[str] = "20220301.en"
     max_seq_length: int = 512
+    dataset_split: str = "train"         # the hub split to read (local files are read whole)
+    data_files: list = field(default_factory=list)   # local files/globs; when set, used instead of the hub
+    data_format: Optional[str] = None    # json | text | parquet | csv; default: from the file extension
+    text_column: str = "text"            # one document per row of this column
+    nsp: str = "auto"                    # auto (the model's type has NSP, e.g. bert) | true | false
+    short_seq_prob: float = 0.1          # a row's target length is shorter with this probability
+    seed: Optional[int] = None           # row building and held-out choice (default: training.seed)
+    validation_fraction: float = 0.01    # held-out documents (at least 1 if > 0), split before rows
+    validation_max_documents: int = 1000
+    max_documents: Optional[int] = None  # use only the first N documents (quick runs)
+    tokenizer_name_or_path: Optional[str] = None     # default: model.name_or_path
+    num_proc: Optional[int] = None       # processes for tokenizing (default: CPUs, at most 8)
+    cache_dir: str = "data/prepared"     # prepared datasets go to <cache_dir>/<name>-<settings hash>
+
+    def __post_init__(self):
+        # YAML reads `nsp: true` as a bool and a single file as a string: normalise both here.
+        if self.nsp is None or self.nsp is True or self.nsp is False:
+            self.nsp = {None: "auto", True: "true", False: "false"}[self.nsp]
+        if isinstance(self.nsp, str):
+            self.nsp = self.nsp.lower()
+            if self.nsp not in ("auto", "true", "false"):
+                raise ConfigError(f"data.nsp: must be auto, true or false, got {self.nsp!r}")
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
+        if isinstance(self.short_seq_prob, (int, float)) and not 0 <= self.short_seq_prob <= 1:
+            raise ConfigError(f"data.short_seq_prob: must be in [0, 1], got {self.short_seq_prob}")
+        if isinstance(self.validation_fraction, (int, float)) and not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"data.validation_fraction: must be in [0, 1), got {self.validation_fraction}")
+        if self.data_format is not None and self.data_format not in ("json", "text", "parquet", "csv"):
+            raise ConfigError(f"data.data_format: must be json, text, parquet or csv, got {self.data_format!r}")
+        if isinstance(self.validation_max_documents, int) and self.validation_max_documents < 0:
+            raise ConfigError(f"data.validation_max_documents: must be >= 0, got {self.validation_max_documents}")
+        for key in ("max_documents", "num_proc"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"data.{key}: must be a positive integer or null, got {value!r}")
 
 
 @dataclass

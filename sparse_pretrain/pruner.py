@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 from .gmp_schedule import GMPClock, GMPSchedule
 from .masks import MaskedParameters, PrunedParameter
 from .methods import PruningMethod
+from .shard_units import ShardedBlocks, ShardedGroups, all_ranges
 from .threshold import AllReduce, ScoreShard, keep_masks
 
 SCOPES = ("layer", "global")
@@ -26,7 +27,8 @@ SCOPES = ("layer", "global")
 
 class GradualPruner(MaskedParameters):
     def __init__(self, params: Iterable[PrunedParameter], method: PruningMethod, schedule: GMPSchedule,
-                 scope: str = "layer", all_reduce: Optional[AllReduce] = None):
+                 scope: str = "layer", all_reduce: Optional[AllReduce] = None, rank: int = 0,
+                 world_size: int = 1):
         super().__init__(params, all_reduce)
         if scope not in SCOPES:
             raise ValueError(f"pruning.scope: must be one of {SCOPES}, got {scope!r}")
@@ -37,15 +39,19 @@ class GradualPruner(MaskedParameters):
             problem = method.shape_problem(p.shape)
             if problem:
                 raise ValueError(f"pruning.method: {p.name}: {problem}")
-            if not p.is_whole and method.name != "unstructured":
-                # Block and N:M units can straddle a ZeRO partition boundary; scoring them needs
-                # the engine adapter's cross-rank exchange (the DeepSpeed trainer provides it).
-                raise NotImplementedError(
-                    f"{method.name!r} pruning of the partitioned weight {p.name} needs an engine "
-                    f"adapter; in one process pass whole parameters")
         self.method = method
         self.scope = scope
         self.clock = GMPClock(schedule)
+        # Sharded block and N:M units: decided by world size, the same on every rank, because the
+        # exchange of cut units is collective (a rank may hold a whole weight, another none of it).
+        self._sharded_units = {}
+        if world_size > 1 and method.name != "unstructured":
+            device = self.params[0].views()[0].device if self.params else None
+            table = all_ranges([(p.offset, p.offset + p.numel) for p in self.params], rank, world_size,
+                               all_reduce, device)
+            units = {"block": ShardedBlocks, "nm": ShardedGroups}[method.name]
+            self._sharded_units = {p.name: units(method, p.shape, p.offset, p.numel, table[i])
+                                   for i, p in enumerate(self.params)}
 
     @property
     def schedule(self) -> GMPSchedule:
@@ -54,10 +60,16 @@ class GradualPruner(MaskedParameters):
     def step(self) -> Optional[float]:
         """After optimizer step t: recompute masks if t is an update step, then apply them.
         Returns the new target sparsity when masks were recomputed."""
+        target = self.advance()
+        self.apply_masks()
+        return target
+
+    def advance(self) -> Optional[float]:
+        """Advance the clock by one optimizer step and recompute the masks if due (weights are not
+        touched: engines whose optimizer hooks apply the masks call this instead of ``step``)."""
         target = self.clock.tick()
         if target is not None:
             self.update_masks(target)
-        self.apply_masks()
         return target
 
     def _score_shards(self) -> list[ScoreShard]:
@@ -65,11 +77,13 @@ class GradualPruner(MaskedParameters):
         for p in self.params:
             values = p.views()[0]
             mask = self.masks[p.name]
-            if p.is_whole:
+            if p.name in self._sharded_units:
+                shards.append(self._sharded_units[p.name].score_shard(values, mask, self.all_reduce))
+            elif p.is_whole:
                 shards.append(ScoreShard(self.method.scores(values.view(p.shape)), 0,
                                          self.method.units(mask.view(p.shape))))
-            else:
-                shards.append(ScoreShard(self.method.scores(values.view(1, -1)).view(-1), p.offset, mask))
+            else:  # unstructured: a unit is an element, its position its flat index
+                shards.append(ScoreShard(values.detach().abs().float(), p.offset, mask))
         return shards
 
     def update_masks(self, sparsity: float) -> None:
@@ -84,7 +98,10 @@ class GradualPruner(MaskedParameters):
                 base += self.method.units_per_weight(p.shape)
         keeps = [keep for group in keep_masks(groups, sparsity, self.all_reduce) for keep in group]
         for p, keep in zip(self.params, keeps):
-            if p.is_whole:
+            units = self._sharded_units.get(p.name)
+            if isinstance(units, ShardedBlocks):
+                keep = units.element_keep(keep, self.all_reduce)
+            elif units is None and p.is_whole:
                 keep = self.method.expand(keep, p.shape)
             self.masks[p.name] = keep.reshape(-1).to(self.masks[p.name].device)
         self._masks_changed()

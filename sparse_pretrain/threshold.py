@@ -32,11 +32,13 @@ _BINS = 1 << _RADIX_BITS
 
 
 class ScoreShard(NamedTuple):
-    """Scores this rank holds for one contiguous run of a group's positions."""
+    """Scores this rank holds for one contiguous run of a group's positions (or for the explicit,
+    sorted-or-not but unique, ``positions``)."""
 
     scores: torch.Tensor             # any shape; read flat
     offset: int = 0                  # global position of scores.flatten()[0]
     prior_keep: Optional[torch.Tensor] = None  # units already pruned (False) are pruned first
+    positions: Optional[torch.Tensor] = None   # int64 global positions; overrides offset
 
 
 def pruned_count(sparsity: float, n: int) -> int:
@@ -138,5 +140,7 @@ def keep_masks(groups: Sequence[Sequence[ScoreShard]], sparsity: float | Sequenc
 
 
 def _positions(shard: ScoreShard) -> torch.Tensor:
+    if shard.positions is not None:
+        return shard.positions.reshape(-1).to(torch.int64) + shard.offset
     return torch.arange(shard.offset, shard.offset + shard.scores.numel(), dtype=torch.int64,
                         device=shard.scores.device)

@@ -205,11 +205,47 @@ def test_sharded_unstructured_pruner_equals_whole_tensor_pruner(world_size):
     assert reports[0] == reports[-1] == ref.sparsity()
 
 
-def test_sharded_block_needs_engine_adapter():
-    w = torch.randn(4, 8)
-    p = PrunedParameter("w", w.shape, lambda: [w.view(-1)[:16]], numel=16)
-    with pytest.raises(NotImplementedError, match="engine adapter"):
-        GradualPruner([p], build_method("block"), GMPSchedule(final_sparsity=0.5, policy_end=2, end=2))
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("method, options, final, scope", [
+    ("block", {"block_shape": [1, 4]}, 0.8, "layer"),
+    ("block", {"block_shape": [4, 1]}, 0.8, "layer"),
+    ("block", {"block_shape": [2, 4]}, 0.75, "global"),
+    ("nm", {"n": 2, "m": 4}, 0.5, "layer"),
+    ("nm", {"n": 1, "m": 4}, 0.75, "global"),
+])
+def test_sharded_block_and_nm_equal_whole_tensor_masks(world_size, method, options, final, scope):
+    """Boundaries at arbitrary flat indices cut blocks, rows and N:M groups: masks must still be
+    those of the real 2-D units, identical to the one-process masks."""
+    torch.manual_seed(world_size)
+    weights = [torch.randn(16, 24), torch.randn(8, 40), torch.randn(4, 8)]
+    for w in weights:
+        w[torch.rand(w.shape) < 0.2] = 0.5                       # ties
+    schedule = GMPSchedule(final_sparsity=final, start=0, policy_end=2, end=3, interval=1)
+    whole = [w.clone() for w in weights]
+    ref = GradualPruner([PrunedParameter(f"w{i}", w.shape, (lambda w=w: [w.view(-1)]))
+                         for i, w in enumerate(whole)], build_method(method, **options), schedule, scope)
+    for _ in range(4):
+        ref.step()
+    g = torch.Generator().manual_seed(7)
+    bounds = [split_points(w.numel(), world_size, g) for w in weights]
+    shards = [[w.view(-1)[b[r]:b[r + 1]].clone() for w, b in zip(weights, bounds)] for r in range(world_size)]
+
+    def on_rank(rank, all_reduce):
+        params = [PrunedParameter(f"w{i}", w.shape, (lambda s=shards[rank][i]: [s]), offset=b[rank],
+                                  numel=b[rank + 1] - b[rank]) for i, (w, b) in enumerate(zip(weights, bounds))]
+        pruner = GradualPruner(params, build_method(method, **options), schedule, scope,
+                               all_reduce=all_reduce, rank=rank, world_size=world_size)
+        for _ in range(4):
+            pruner.step()
+        return {name: m.clone() for name, m in pruner.masks.items()}
+
+    masks = SimulatedWorld(world_size).run(on_rank)
+    for i, w in enumerate(whole):
+        gathered = torch.cat([masks[r][f"w{i}"] for r in range(world_size)])
+        assert torch.equal(gathered, ref.masks[f"w{i}"]), f"w{i}"
+        assert torch.equal(torch.cat([shards[r][i] for r in range(world_size)]), w.view(-1))
+        if method == "block":
+            assert is_valid_block_pattern(gathered.view(w.shape), options["block_shape"])
 
 
 def test_pattern_lock_keeps_zeros_through_training():
