@@ -125,6 +125,10 @@ class MaskedParameters:
         """After each optimizer step: keep pruned weights at zero."""
         self.apply_masks()
 
+    @property
+    def any_pruned(self) -> bool:
+        return self._any_pruned
+
     def _masks_changed(self) -> None:
         # Before the first pruning every mask is all ones: masking would cost a pass over every
         # pruned weight per step for nothing.

@@ -1,0 +1,19 @@
+"""Starting DeepSpeed's distributed runtime the same way on GPUs (NCCL) and CPUs (gloo)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def init_distributed() -> None:
+    """``deepspeed.init_distributed`` with the backend this machine supports (NCCL with CUDA, gloo
+    otherwise). On CPU, DeepSpeed JIT-compiles a shared-memory op (~60 s) that only its inference
+    all-reduce uses; training never calls it, so it is skipped."""
+    import deepspeed
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.comm.torch  # noqa: F401  (the module object is in sys.modules)
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
