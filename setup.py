@@ -27,6 +27,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"],
+                    # reads the Austen novels' R data file when materializing the offline corpus
+                    "corpus": ["rdata>=1.0"]},
     entry_points={"console_scripts": ["prune-ofa=launcher.cli:main"]},
 )

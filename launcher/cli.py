@@ -36,6 +36,13 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out))
 
 
+def cmd_pretrain(args) -> int:
+    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.trainer import run
+    run(load_recipe(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-ofa",
@@ -50,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--steps", type=int, nargs="+", help="steps to print (default: key steps)")
     schedule.add_argument("--plot", metavar="FILE.png", help="also draw both curves into this PNG")
     schedule.set_defaults(func=cmd_schedule)
+    from sparse_pretrain.data.cli import add_data_commands
+    add_data_commands(sub)
+    pretrain = sub.add_parser("pretrain", help="teacher preparation or student pruning (DeepSpeed ZeRO)",
+                              description="Run a pre-training recipe (stage: teacher | student) in this "
+                                          "process, or in each process of a torchrun/deepspeed/srun launch.")
+    _add_config_args(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
     demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
                           description="Print/plot the paper's schedule and prune the packaged MiniLM-L6 "
                                       "with every method through the real pruner.")

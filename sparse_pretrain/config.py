@@ -31,6 +31,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name_or_path: str = "bert-base-uncased"
     teacher_name_or_path: Optional[str] = None   # student stage: the prepared teacher (default: name_or_path)
+    attn_implementation: str = "sdpa"            # the fastest attention transformers has for the model
+    teacher_zero3: bool = False                  # partition the frozen teacher with ZeRO-3 (too big to replicate)
 
 
 @dataclass
@@ -89,6 +91,20 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     lr_rewind: bool = True
     seed: int = 42
+    micro_batch_size: int = 32           # per device; global = micro x accumulation x world size
+    max_grad_norm: float = 1.0
+    deepspeed_config: str = "ds_configs/zero2.json"   # path, or relative to the project's ds_configs/
+    zero_stage: Optional[int] = None     # override the config file's ZeRO stage (0-3)
+    zero3_persistence_threshold: Optional[int] = None  # override stage3_param_persistence_threshold
+    precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    output_dir: str = "runs/pretrain"
+    save_interval: int = 1_000           # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    log_interval: int = 50
+    eval_interval: int = 1_000
+    eval_batches: int = 50
+    dataloader_workers: int = 2
+    peak_tflops: Optional[float] = None  # per device, for MFU; default from the GPU's name
 
 
 @dataclass
@@ -272,6 +288,18 @@ def _value_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 "training.learning_rate": t.learning_rate, "data.max_seq_length": recipe.data.max_seq_length,
                 "distillation.temperature": d.temperature}
     problems += [(k, f"must be > 0, got {v}") for k, v in positive.items() if v <= 0]
+    positive.update({"training.micro_batch_size": t.micro_batch_size, "training.save_interval": t.save_interval,
+                     "training.log_interval": t.log_interval, "training.eval_interval": t.eval_interval,
+                     "training.keep_checkpoints": t.keep_checkpoints})
+    problems += [(k, f"must be > 0, got {v}") for k, v in positive.items() if v <= 0 and k.startswith("training.")
+                 and k not in ("training.total_steps", "training.global_batch_size", "training.learning_rate")]
+    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+        problems.append(("training.micro_batch_size", f"must divide global_batch_size ({t.global_batch_size}), "
+                                                      f"got {t.micro_batch_size}"))
+    if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
+        problems.append(("training.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}"))
+    if t.precision not in ("auto", "bf16", "fp32"):
+        problems.append(("training.precision", f"must be auto, bf16 or fp32, got {t.precision!r}"))
     nonnegative = {"training.warmup_steps": t.warmup_steps, "training.weight_decay": t.weight_decay,
                    "distillation.lambda_pt": d.lambda_pt, "distillation.lambda_kd": d.lambda_kd}
     problems += [(k, f"must be >= 0, got {v}") for k, v in nonnegative.items() if v < 0]

@@ -12,6 +12,13 @@ def init_distributed() -> None:
     otherwise). On CPU, DeepSpeed JIT-compiles a shared-memory op (~60 s) that only its inference
     all-reduce uses; training never calls it, so it is skipped."""
     import deepspeed
+    if "RANK" not in os.environ:   # one process, started without a launcher
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed.comm.torch  # noqa: F401  (the module object is in sys.modules)

@@ -141,8 +141,8 @@ class MaskedParameters:
             return
         for p in self.params:
             mask = self.masks[p.name]
-            for view in p.views():
-                view.mul_(mask)
+            for view in p.views():   # (a copy may live on another device: ZeRO-Offload's masters)
+                view.mul_(mask if mask.device == view.device else mask.to(view.device))
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -202,6 +202,36 @@ class MaskedParameters:
                     f"{entry['offset'] + entry['numel']}) but this rank holds [{p.offset}, "
                     f"{p.offset + p.numel}): resume with the same world size and ZeRO stage")
             self.masks[p.name] = unpack_mask(entry["bits"], p.numel).to(self.masks[p.name].device)
+        self._masks_changed()
+
+    def mask_pieces(self) -> dict[str, dict]:
+        """This rank's masks as pieces of the flattened weights: ``{name: {"offset", "numel",
+        "bits"}}``. The pieces of all ranks together are independent of how the weights were
+        split, so they can be loaded on another world size or ZeRO stage (:meth:`load_mask_pieces`)."""
+        return self.state_dict()["masks"]
+
+    def load_mask_pieces(self, pieces_of_all_ranks: Iterable[dict[str, dict]]) -> None:
+        """Rebuild this rank's masks from every rank's :meth:`mask_pieces`, whatever the layout they
+        were saved with; fails if the pieces do not cover this rank's elements exactly once."""
+        pieces_of_all_ranks = list(pieces_of_all_ranks)
+        for p in self.params:
+            mask = torch.zeros(p.numel, dtype=torch.bool)
+            covered = torch.zeros(p.numel, dtype=torch.int32)
+            lo, hi = p.offset, p.offset + p.numel
+            for pieces in pieces_of_all_ranks:
+                piece = pieces.get(p.name)
+                if piece is None:
+                    raise ValueError(f"saved masks have no entry for {p.name}")
+                start, end = piece["offset"], piece["offset"] + piece["numel"]
+                a, b = max(lo, start), min(hi, end)
+                if a >= b:
+                    continue
+                bits = unpack_mask(piece["bits"], piece["numel"])
+                mask[a - lo:b - lo] = bits[a - start:b - start]
+                covered[a - lo:b - lo] += 1
+            if not bool((covered == 1).all()):
+                raise ValueError(f"saved masks do not cover {p.name}[{lo}:{hi}] exactly once")
+            self.masks[p.name] = mask.to(self.masks[p.name].device)
         self._masks_changed()
 
     def full_masks(self) -> dict[str, torch.Tensor]:

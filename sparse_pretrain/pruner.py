@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import torch
+
 from .gmp_schedule import GMPClock, GMPSchedule
 from .masks import MaskedParameters, PrunedParameter
 from .methods import PruningMethod
@@ -42,6 +44,7 @@ class GradualPruner(MaskedParameters):
         self.method = method
         self.scope = scope
         self.clock = GMPClock(schedule)
+        self.last_mask_changes = 0.0
         # Sharded block and N:M units: decided by world size, the same on every rank, because the
         # exchange of cut units is collective (a rank may hold a whole weight, another none of it).
         self._sharded_units = {}
@@ -97,13 +100,20 @@ class GradualPruner(MaskedParameters):
                 groups[0].append(shard._replace(offset=base + shard.offset))
                 base += self.method.units_per_weight(p.shape)
         keeps = [keep for group in keep_masks(groups, sparsity, self.all_reduce) for keep in group]
+        changed = torch.zeros(2, dtype=torch.int64, device=self.params[0].views()[0].device if self.params else None)
         for p, keep in zip(self.params, keeps):
             units = self._sharded_units.get(p.name)
             if isinstance(units, ShardedBlocks):
                 keep = units.element_keep(keep, self.all_reduce)
             elif units is None and p.is_whole:
                 keep = self.method.expand(keep, p.shape)
-            self.masks[p.name] = keep.reshape(-1).to(self.masks[p.name].device)
+            keep = keep.reshape(-1).to(self.masks[p.name].device)
+            changed[0] += (keep != self.masks[p.name]).sum().to(changed.device)
+            changed[1] += keep.numel()
+            self.masks[p.name] = keep
+        changed = self._sum(changed)
+        #: fraction of all mask entries that changed at the last update (TensorBoard: sparsity/mask_changes)
+        self.last_mask_changes = float(changed[0]) / max(1, int(changed[1]))
         self._masks_changed()
 
     def state_dict(self) -> dict:

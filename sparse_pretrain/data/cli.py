@@ -1,0 +1,88 @@
+"""The data subcommands of ``prune-ofa``: ``materialize-corpus`` and ``prepare-data``.
+
+``launcher.cli`` registers them with ``add_data_commands(subparsers)``; ``python -m
+sparse_pretrain.data.cli COMMAND ...`` runs them on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_CORPUS_DIR = "data/corpus"
+
+
+def cmd_materialize_corpus(args) -> int:
+    from .corpus import materialize_corpus
+    manifest = materialize_corpus(args.out, args.sources, cache=args.cache, force=args.force)
+    written = [manifest["sources"].get(s, {}) for s in args.sources]
+    ok = [e for e in written if "documents" in e]
+    if not ok:
+        print("materialize-corpus: no source could be materialized", file=sys.stderr)
+        return 1
+    docs, chars = sum(e["documents"] for e in ok), sum(e["chars"] for e in ok)
+    print(f"corpus: {docs} documents, {chars:,} chars in {args.out} (manifest.json); "
+          f"use it with data.data_files=[{args.out}/*.jsonl]")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from sparse_pretrain.config import load_recipe
+
+    from .prepare import prepare_dataset
+    overrides = list(args.overrides)
+    if args.num_proc is not None:
+        overrides.append(f"data.num_proc={args.num_proc}")
+    recipe = load_recipe(args.config, overrides)
+    try:
+        path = prepare_dataset(recipe, force=args.force)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"prepare-data: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def add_data_commands(subparsers) -> None:
+    """Add ``materialize-corpus`` and ``prepare-data`` to an argparse subparsers object."""
+    from .corpus import SOURCES
+    corpus = subparsers.add_parser(
+        "materialize-corpus", help="write the offline demo corpus (Wikipedia sample, Austen, WordNet)",
+        description="Fetch real English prose from package registries only (the gensim wheel's "
+                    "Wikipedia sample from PyPI; Debian's janeaustenr and wordnet-base via apt-get "
+                    "download) and write one JSON Lines file per source, one document per line, "
+                    "plus manifest.json. Sources already there are kept; unavailable ones are skipped.")
+    corpus.add_argument("--out", default=DEFAULT_CORPUS_DIR, help=f"output directory (default {DEFAULT_CORPUS_DIR})")
+    corpus.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+                        help="which sources (default: all)")
+    corpus.add_argument("--cache", help="where downloads are kept (default OUT/.cache)")
+    corpus.add_argument("--force", action="store_true", help="rebuild sources already there")
+    corpus.set_defaults(func=cmd_materialize_corpus)
+
+    prepare = subparsers.add_parser(
+        "prepare-data", help="tokenize and build pre-training rows once, saved by settings hash",
+        description="Load the recipe's data (hub dataset or data.data_files), tokenize with the model's "
+                    "fast tokenizer, build BERT pre-training rows (NSP pairs or MLM-only) and save them "
+                    "under data.cache_dir/<name>-<settings hash>; prints that directory.")
+    prepare.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="override recipe keys, e.g. data.data_files=[data/corpus/*.jsonl]")
+    prepare.add_argument("--num-proc", type=int, help="tokenizing processes (same as data.num_proc)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if prepared already")
+    prepare.set_defaults(func=cmd_prepare_data)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparse_pretrain.data.cli")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_data_commands(sub)
+    args = parser.parse_args(argv)
+    from sparse_pretrain.config import ConfigError
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"{args.command}: invalid config: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The pre-training recipe: teacher preparation or student pruning, on DeepSpeed ZeRO.
+
+``stage: teacher`` continues pre-training a dense model with its own objectives (MLM + NSP for
+BERT, MLM otherwise). ``stage: student`` starts from the prepared teacher and trains on
+``lambda_pt * L_pt + lambda_kd * L_kd`` against the frozen teacher while the gradual pruner drives
+the encoder's Linear weights to the target sparsity and the LR is rewound every f steps.
+
+Read top to bottom: setup (distributed, data, models, engine, pruner, resume), the loop, export.
+Run with ``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml``, ``torchrun``, ``srun``
+or ``prune-ofa pretrain --config RECIPE.yaml`` (one process).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import ConfigError, Recipe, check_against_model
+from .distill import pretraining_distillation_loss
+from .ds_runtime import init_distributed
+from .export import export_model, gather_fp32_state_dict
+from .monitor import Monitor, flops_per_token, peak_tflops
+from .pruner import GradualPruner
+from .zero_shards import ZeroShards
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- setup helpers ----------------------------------------------------------------------------------
+
+def deepspeed_config(recipe: Recipe, world_size: int, use_bf16: bool) -> dict:
+    """The recipe's DeepSpeed JSON with every "auto" filled and the batch arithmetic checked."""
+    t = recipe.training
+    path = Path(t.deepspeed_config)
+    if not path.is_file() and (PROJECT_ROOT / path).is_file():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"training.deepspeed_config: no such file {t.deepspeed_config!r}")
+    config = json.loads(path.read_text())
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}")
+    config.update(train_batch_size=t.global_batch_size, train_micro_batch_size_per_gpu=t.micro_batch_size,
+                  gradient_accumulation_steps=t.global_batch_size // per_step, gradient_clipping=t.max_grad_norm)
+    config["bf16"] = {"enabled": use_bf16}
+    zero = config.setdefault("zero_optimization", {})
+    if t.zero_stage is not None:
+        zero["stage"] = t.zero_stage
+    if t.zero3_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = t.zero3_persistence_threshold
+    if zero.get("stage", 0) != 3:
+        for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
+            zero.pop(key)
+    return config
+
+
+def model_class(nsp: bool):
+    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
+    return AutoModelForPreTraining if nsp else AutoModelForMaskedLM
+
+
+def load_model(path: str, nsp: bool, attn: str, dtype=None):
+    model = model_class(nsp).from_pretrained(path, attn_implementation=attn, **({"dtype": dtype} if dtype else {}))
+    if nsp and not hasattr(model, "cls") or nsp and not hasattr(model.cls, "seq_relationship"):
+        raise ConfigError(f"data.nsp: {type(model).__name__} has no next-sentence head; set data.nsp=false")
+    return model
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay for biases and LayerNorm weights (as BERT and HF do)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def model_inputs(batch: dict, device) -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def mlm_logits(output):
+    return output.prediction_logits if hasattr(output, "prediction_logits") else output.logits
+
+
+@torch.no_grad()
+def evaluate(engine, held_out, collator, batch_size: int, max_batches: int, seed: int,
+             rank: int, world: int) -> dict[str, float]:
+    """Masked-LM accuracy and perplexity on held-out rows, with fixed masks. Every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively); surplus forwards count zero."""
+    from .data.batches import PretrainingRows, evaluation_batches
+    batches = evaluation_batches(len(held_out), batch_size, seed)[:max_batches]
+    rows = PretrainingRows(held_out)
+    per_rank = math.ceil(len(batches) / world)
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)   # correct, masked, loss sum
+    engine.module.eval()
+    for i in range(per_rank):
+        index = rank * per_rank + i
+        batch = model_inputs(collator(rows.__getitems__(batches[min(index, len(batches) - 1)])), engine.device)
+        labels = batch.pop("labels")
+        batch.pop("next_sentence_label", None)
+        logits = mlm_logits(engine(**batch)).float()
+        if index >= len(batches):
+            continue
+        selected = labels != -100
+        picked = logits[selected]
+        totals[0] += (picked.argmax(-1) == labels[selected]).sum()
+        totals[1] += selected.sum()
+        totals[2] += torch.nn.functional.cross_entropy(picked, labels[selected], reduction="sum")
+    engine.module.train()
+    dist.all_reduce(totals)
+    masked = max(1.0, float(totals[1]))
+    return {"eval/mlm_accuracy": float(totals[0]) / masked, "eval/perplexity": math.exp(float(totals[2]) / masked)}
+
+
+# -- the recipe --------------------------------------------------------------------------------
+
+def run(recipe: Recipe) -> Path:
+    import deepspeed
+    from torch.utils.data import DataLoader
+
+    from .data.batches import PretrainingBatches, PretrainingRows
+    from .data.collator import MaskingCollator
+    from .data.prepare import load_prepared, load_tokenizer, resolve_nsp
+
+    t, student_stage = recipe.training, recipe.stage == "student"
+    output_dir = Path(t.output_dir)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    use_cuda = torch.cuda.is_available()
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda)
+    ds_config = deepspeed_config(recipe, world, use_bf16)          # bad batch arithmetic fails here
+    torch.manual_seed(t.seed + rank)
+
+    # data: prepared once by `prune-ofa prepare-data`, memory-mapped here
+    tokenizer = load_tokenizer(recipe)
+    train_rows, held_out = load_prepared(recipe)
+    nsp = resolve_nsp(recipe)
+    batches = PretrainingBatches(len(train_rows), t.global_batch_size, t.micro_batch_size, world, rank,
+                                 seed=t.seed, with_mask_seeds=True)
+    collator = MaskingCollator(tokenizer, seed=t.seed)
+
+    # models: the student (or the teacher being prepared), and the frozen teacher
+    model = load_model(recipe.model.name_or_path, nsp, recipe.model.attn_implementation)
+    pruned = check_against_model(recipe, model) if student_stage else []
+    pruned_names = [name for name, _ in pruned]
+    teacher = None
+    if student_stage:
+        teacher_path = recipe.model.teacher_name_or_path or recipe.model.name_or_path
+        teacher = load_model(teacher_path, nsp, recipe.model.attn_implementation,
+                             torch.bfloat16 if use_bf16 else None)
+        teacher.eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
+                                  betas=tuple(t.adam_betas), eps=t.adam_epsilon)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor())
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                      lr_scheduler=lr_scheduler, config=ds_config)
+    if teacher is not None:
+        if recipe.model.teacher_zero3:   # partitioned like the student; forward gathers layer by layer
+            teacher_config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "bf16": {"enabled": use_bf16},
+                              "zero_optimization": {"stage": 3}}
+            teacher = deepspeed.initialize(model=teacher, config=teacher_config)[0].module
+        else:
+            teacher.to(engine.device)
+
+    pruner = shards = None
+    if student_stage:
+        named = [(name, dict(engine.module.named_parameters())[name]) for name in pruned_names]
+        shards = ZeroShards(engine, named)
+        shard_rank, shard_world = shards.shard_world()
+        pruner = GradualPruner(shards.params, recipe.pruning_method(), recipe.gmp_schedule(), recipe.pruning.scope,
+                               all_reduce=shards.all_reduce(), rank=shard_rank, world_size=shard_world)
+        shards.install(pruner)
+
+    # resume from the newest complete checkpoint in the output directory, if any
+    ckpt_root = output_dir / "checkpoints"
+    step = resume(engine, ckpt_root, pruner, shards, batches, collator, lr_scheduler, rank, world)
+
+    loader = DataLoader(PretrainingRows(train_rows), batch_sampler=batches, collate_fn=collator,
+                        num_workers=t.dataloader_workers, pin_memory=use_cuda,
+                        persistent_workers=t.dataloader_workers > 0,
+                        prefetch_factor=4 if t.dataloader_workers > 0 else None)
+    micro_batches = iter(loader)
+    accumulation = batches.accumulation_steps
+    weights = recipe.distillation_weights()
+    monitor = Monitor(output_dir, rank, t.total_steps, step)
+    flops = flops_per_token(engine.module.config, recipe.data.max_seq_length, teacher is not None)
+    peak = peak_tflops(t.peak_tflops)
+    if rank == 0:
+        print(f"{recipe.stage}: {t.total_steps} steps, global batch {t.global_batch_size} = {t.micro_batch_size} "
+              f"x {accumulation} accumulation x {world} ranks, ZeRO-{engine.zero_optimization_stage()}, "
+              f"{'bf16' if use_bf16 else 'fp32'}, starting at step {step}")
+        if pruner is not None:
+            held = sum(m.numel() for m in pruner.masks.values())
+            print(f"pruning {len(pruned_names)} weights; this rank's masks: {held:,} bytes "
+                  f"for {sum(p.shape.numel() for p in pruner.params):,} pruned weights")
+
+    sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss, loss_pt, loss_kd, tokens
+    window_start, window_steps = time.perf_counter(), 0
+    while step < t.total_steps:
+        # -- one optimizer step: `accumulation` micro-batches, DeepSpeed steps at the boundary --
+        for _ in range(accumulation):
+            batch = model_inputs(next(micro_batches), engine.device)
+            lr = lr_scheduler.get_last_lr()[0]
+            output = engine(**batch)
+            loss = loss_pt = output.loss
+            loss_kd = torch.zeros((), device=engine.device)
+            if teacher is not None:
+                teacher_inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
+                with torch.inference_mode():
+                    teacher_out = teacher(**teacher_inputs)
+                terms = pretraining_distillation_loss(
+                    weights, loss_pt, mlm_logits(output), mlm_logits(teacher_out).clone(), batch["attention_mask"],
+                    batch["labels"], getattr(output, "seq_relationship_logits", None),
+                    None if not nsp else teacher_out.seq_relationship_logits.clone())
+                loss, loss_kd = terms["loss"], terms["kd"]
+            engine.backward(loss)
+            engine.step()              # the pruner's hooks keep pruned weights and gradients at zero
+            sums += torch.stack([loss.detach().double(), loss_pt.detach().double(), loss_kd.detach().double(),
+                                 batch["attention_mask"].sum().double()]) / torch.tensor(
+                                     [accumulation, accumulation, accumulation, 1.0], device=engine.device,
+                                     dtype=torch.float64)
+        batches.step()
+        target = None
+        if pruner is not None:
+            target = pruner.advance()              # recompute masks every f steps (collective)
+            if target is not None:
+                pruner.apply_masks()
+                shards.sync_working_copies()
+        step += 1
+        window_steps += 1
+
+        # -- monitoring: host syncs only here, every log_interval steps --
+        if pruner is not None and target is not None:
+            report = pruner.sparsity()
+            monitor.scalars(step - 1, {"sparsity/target": target, "sparsity/global": report.pop("global"),
+                                       "sparsity/mask_changes": pruner.last_mask_changes,
+                                       **{f"sparsity/{name}": v for name, v in report.items()}})
+        monitor.scalars(step - 1, {"train/lr": lr})
+        if step % t.log_interval == 0 or step == t.total_steps:
+            dist.all_reduce(sums)
+            elapsed = time.perf_counter() - window_start
+            values = (sums / torch.tensor([world, world, world, 1.0], device=engine.device, dtype=torch.float64)
+                      / window_steps).tolist()
+            tokens_per_s = values[3] * window_steps / elapsed
+            grad_norm = engine.get_global_grad_norm()
+            scalars = {"train/loss": values[0], "train/loss_pt": values[1], "train/grad_norm":
+                       float(grad_norm) if grad_norm is not None else None,
+                       "perf/tokens_per_s": tokens_per_s, "perf/step_time": elapsed / window_steps}
+            if teacher is not None:
+                scalars["train/loss_kd"] = values[2]
+            if peak:
+                scalars["perf/mfu"] = tokens_per_s * flops / (peak * 1e12 * world)
+            monitor.scalars(step - 1, scalars)
+            sparsity = pruner.clock.current_sparsity if pruner is not None else 0.0
+            monitor.line(f"step {step}/{t.total_steps} loss {values[0]:.4f} lr {lr:.3e} "
+                         f"sparsity {sparsity:.3f} {tokens_per_s:,.0f} tok/s")
+            monitor.advance(window_steps, loss=f"{values[0]:.3f}")
+            sums.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if step % t.eval_interval == 0 or step == t.total_steps:
+            results = evaluate(engine, held_out, collator, t.micro_batch_size, t.eval_batches, t.seed, rank, world)
+            monitor.scalars(step - 1, results)
+            monitor.line(f"eval at step {step}: masked-LM accuracy {results['eval/mlm_accuracy']:.4f}, "
+                         f"perplexity {results['eval/perplexity']:.2f}")
+        if step % t.save_interval == 0 or step == t.total_steps:
+            state = {"step": step, "batches": batches.state_dict(), "collator": collator.state_dict(),
+                     "rng": checkpoint.rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                     "pruner": pruner.state_dict() if pruner is not None else None}
+            checkpoint.save(engine, ckpt_root, step, state, t.keep_checkpoints)
+    monitor.close()
+
+    # -- export: a Hugging Face directory with real zeros, and sparsity.json --
+    state = gather_fp32_state_dict(engine)
+    out = output_dir / "model"
+    if rank == 0:
+        extra = {"stage": recipe.stage, "step": step}
+        if pruner is not None:
+            extra["mask_sparsity"] = pruner.sparsity()["global"] if world == 1 else None
+        export_model(type(engine.module), engine.module.config, state, tokenizer, out, pruned_names,
+                     pruner.clock.current_sparsity if pruner is not None else None, extra)
+        print(f"exported {out}")
+    if pruner is not None and world > 1:
+        pruner.sparsity()   # keep collectives aligned with rank 0's report above
+    dist.barrier()
+    return out
+
+
+def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, rank: int, world: int) -> int:
+    """Load the newest complete checkpoint under ``root``; returns the step to start at (0 if none).
+
+    Same world size and ZeRO stage: DeepSpeed's own load, every state bit-for-bit. Otherwise the
+    fp32 weights are consolidated from the ZeRO files and set into the new partitions, the masks
+    are rebuilt from all ranks' pieces and the LR schedule and data position carry over; the
+    optimizer's moments start afresh (DeepSpeed cannot re-partition them without a universal
+    checkpoint conversion), which the log says."""
+    tag = checkpoint.latest_tag(root)
+    if tag is None:
+        return 0
+    states = checkpoint.trainer_states(root / tag)
+    same_layout = len(states) == world and states[0]["zero_stage"] == engine.zero_optimization_stage()
+    if same_layout:
+        engine.load_checkpoint(str(root), tag=tag)
+        mine = states[rank]
+        if pruner is not None:
+            pruner.load_state_dict(mine["pruner"])
+        checkpoint.set_rng_states(mine["rng"])
+    else:
+        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        for name, param in engine.module.named_parameters():
+            if name in full:
+                if engine.zero_optimization_stage() == 0:
+                    param.data.copy_(full[name].view_as(param))
+                else:
+                    safe_set_full_fp32_param(param, full[name].to(engine.device))
+        if engine.zero_optimization_stage() in (1, 2):
+            engine.optimizer.update_lp_params()
+        lr_scheduler.load_state_dict(states[0]["lr_scheduler"])
+        mine = states[min(rank, len(states) - 1)]
+        if pruner is not None:
+            pruner.load_mask_pieces([s["pruner"]["masks"] for s in states])
+            pruner.clock.load_state_dict(states[0]["pruner"]["clock"])
+            pruner.apply_masks()
+            shards.sync_working_copies()
+        if rank == 0:
+            print(f"resumed {tag} saved by {len(states)} ranks (ZeRO-{states[0]['zero_stage']}) on {world} ranks "
+                  f"(ZeRO-{engine.zero_optimization_stage()}): weights, masks, LR schedule and data position "
+                  f"carried over; optimizer moments restart")
+    batches.load_state_dict(states[0]["batches"])
+    collator.load_state_dict(mine["collator"])
+    if rank == 0:
+        print(f"resumed from {root / tag} at step {states[0]['step']}")
+    return int(states[0]["step"])
