@@ -28,7 +28,7 @@ from .ds_runtime import init_distributed
 from .export import export_model, gather_fp32_state_dict
 from .monitor import Monitor, flops_per_token, peak_tflops
 from .pruner import GradualPruner
-from .zero_shards import ZeroShards
+from .zero_shards import ZeroShards, set_full_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -317,17 +317,8 @@ def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, 
             pruner.load_state_dict(mine["pruner"])
         checkpoint.set_rng_states(mine["rng"])
     else:
-        from deepspeed.utils import safe_set_full_fp32_param
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        for name, param in engine.module.named_parameters():
-            if name in full:
-                if engine.zero_optimization_stage() == 0:
-                    param.data.copy_(full[name].view_as(param))
-                else:
-                    safe_set_full_fp32_param(param, full[name].to(engine.device))
-        if engine.zero_optimization_stage() in (1, 2):
-            engine.optimizer.update_lp_params()
+        set_full_weights(engine, get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
         lr_scheduler.load_state_dict(states[0]["lr_scheduler"])
         mine = states[min(rank, len(states) - 1)]
         if pruner is not None:

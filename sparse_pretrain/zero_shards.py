@@ -43,7 +43,7 @@ class ZeroShards:
         # (flat fp32 tensor this optimizer steps) -> [(name, master view fn, grad view fn)]
         self._by_flat: dict[int, list] = defaultdict(list)
         self.params = [self._describe(name, p) for name, p in named_params]
-        self._persistent_pruned = self.stage == 3 and any(getattr(p, "ds_persist", False) for _, p in named_params)
+        self._has_persistent = self.stage == 3 and any(getattr(p, "ds_persist", False) for _, p in named_params)
         self._hooks = []
 
     # -- where a shard lives ---------------------------------------------------------------------
@@ -137,7 +137,7 @@ class ZeroShards:
         bring the working copies every forward reads up to date. Collective: call on all ranks."""
         if self.stage in (1, 2):
             self.zero.update_lp_params()          # fp32 -> bit16 partitions, then all-gather
-        elif self.stage == 3 and self._persistent_pruned:
+        elif self.stage == 3 and self._has_persistent:
             persistent = self.zero.persistent_parameters
             persistent[0].all_gather(persistent)   # whole copies of small params from their partitions
 
@@ -149,3 +149,18 @@ class ZeroShards:
     def shard_world(self) -> tuple[int, int]:
         """(rank, world size) of the sharding: (0, 1) where ranks hold whole replicas."""
         return (0, 1) if self.stage == 0 else (self.rank, self.world_size)
+
+
+@torch.no_grad()
+def set_full_weights(engine, full: dict[str, torch.Tensor]) -> None:
+    """Load whole fp32 weights into whatever partitions this rank holds (any ZeRO stage, any world
+    size): the fp32 masters and the working copies. Collective: call on every rank.
+
+    (DeepSpeed's ``safe_set_full_fp32_param`` fails on ZeRO-3's padded last partition.)"""
+    named = [(name, p) for name, p in engine.module.named_parameters() if name in full and p.requires_grad]
+    shards = ZeroShards(engine, named)
+    for shard in shards.params:
+        value = full[shard.name].reshape(-1)[shard.offset:shard.offset + shard.numel]
+        for view in shard.views():
+            view.copy_(value.to(device=view.device, dtype=view.dtype))
+    shards.sync_working_copies()

