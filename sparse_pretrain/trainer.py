@@ -69,7 +69,7 @@ def model_class(nsp: bool):
 
 def load_model(path: str, nsp: bool, attn: str, dtype=None):
     model = model_class(nsp).from_pretrained(path, attn_implementation=attn, **({"dtype": dtype} if dtype else {}))
-    if nsp and not hasattr(model, "cls") or nsp and not hasattr(model.cls, "seq_relationship"):
+    if nsp and not hasattr(getattr(model, "cls", None), "seq_relationship"):
         raise ConfigError(f"data.nsp: {type(model).__name__} has no next-sentence head; set data.nsp=false")
     return model
 
@@ -226,10 +226,8 @@ def run(recipe: Recipe) -> Path:
                 loss, loss_kd = terms["loss"], terms["kd"]
             engine.backward(loss)
             engine.step()              # the pruner's hooks keep pruned weights and gradients at zero
-            sums += torch.stack([loss.detach().double(), loss_pt.detach().double(), loss_kd.detach().double(),
-                                 batch["attention_mask"].sum().double()]) / torch.tensor(
-                                     [accumulation, accumulation, accumulation, 1.0], device=engine.device,
-                                     dtype=torch.float64)
+            sums += torch.stack([loss.detach(), loss_pt.detach(), loss_kd.detach(),
+                                 batch["attention_mask"].sum()]).double()
         batches.step()
         target = None
         if pruner is not None:
@@ -250,9 +248,9 @@ def run(recipe: Recipe) -> Path:
         if step % t.log_interval == 0 or step == t.total_steps:
             dist.all_reduce(sums)
             elapsed = time.perf_counter() - window_start
-            values = (sums / torch.tensor([world, world, world, 1.0], device=engine.device, dtype=torch.float64)
-                      / window_steps).tolist()
-            tokens_per_s = values[3] * window_steps / elapsed
+            micro_steps = window_steps * accumulation * world
+            values = (sums[:3] / micro_steps).tolist()     # mean loss per micro-batch
+            tokens_per_s = float(sums[3]) / elapsed        # non-padding tokens, all ranks
             grad_norm = engine.get_global_grad_norm()
             scalars = {"train/loss": values[0], "train/loss_pt": values[1], "train/grad_norm":
                        float(grad_norm) if grad_norm is not None else None,
@@ -283,16 +281,14 @@ def run(recipe: Recipe) -> Path:
 
     # -- export: a Hugging Face directory with real zeros, and sparsity.json --
     state = gather_fp32_state_dict(engine)
+    extra = {"stage": recipe.stage, "step": step}
+    if pruner is not None:
+        extra["mask_sparsity"] = pruner.sparsity()["global"]    # collective: every rank
     out = output_dir / "model"
     if rank == 0:
-        extra = {"stage": recipe.stage, "step": step}
-        if pruner is not None:
-            extra["mask_sparsity"] = pruner.sparsity()["global"] if world == 1 else None
         export_model(type(engine.module), engine.module.config, state, tokenizer, out, pruned_names,
                      pruner.clock.current_sparsity if pruner is not None else None, extra)
         print(f"exported {out}")
-    if pruner is not None and world > 1:
-        pruner.sparsity()   # keep collectives aligned with rank 0's report above
     dist.barrier()
     return out
 
