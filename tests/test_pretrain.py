@@ -144,3 +144,18 @@ def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
     zeros, _ = exported_zeros(out / "model")
     for name, z in zeros.items():       # masks frozen since step 2: the zeros are the saved masks
         assert torch.equal(z.flatten(), ~saved[name]), name
+
+
+def test_deepspeed_launcher_runs_the_module(setup):
+    """What users type on a GPU node, here on CPU: `deepspeed --num_gpus 2 --module sparse_pretrain`."""
+    root, recipe = setup
+    out = root / "ds-launcher"
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    from pretrain_fixtures import free_port
+    done = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "sparse_pretrain", "--config", str(recipe), f"training.output_dir={out}"],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "x 2 ranks" in done.stdout
+    zeros, report = exported_zeros(out / "model")
+    assert all(int(z.sum()) == pruned_count(0.9, z.numel()) for z in zeros.values())
