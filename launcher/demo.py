@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 SENTENCES = [
@@ -61,15 +60,7 @@ def _embed(model, batch):
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def one_shot_rows(model_dir: Path, progress: bool = True) -> list[dict]:
-    import torch
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
@@ -106,6 +97,7 @@ def one_shot_rows(model_dir: Path, progress: bool = True) -> list[dict]:
 
 
 def run_demo(out: Path) -> int:
+    from sparse_pretrain.atomic import write_text
     from sparse_pretrain.config import load_recipe
     from sparse_pretrain.schedule_report import (describe, format_table, plot_schedule, schedule_rows,
                                                  table_steps)
@@ -138,7 +130,7 @@ def run_demo(out: Path) -> int:
     report = (f"# prune-ofa demo\n\n## Recipe {recipe_path.name}\n\n{describe(recipe)}\n\n```\n{table}\n```\n\n"
               f"![schedule](schedule.png)\n\n## One-shot pruning of MiniLM-L6 ({len(SENTENCES)} sentences)\n\n"
               f"{result}\n\n{note}\n")
-    _write_atomic(out / "report.md", report)
-    _write_atomic(out / "report.json", json.dumps({"recipe": recipe.to_dict(), "one_shot": rows}, indent=2))
+    write_text(out / "report.md", report)
+    write_text(out / "report.json", json.dumps({"recipe": recipe.to_dict(), "one_shot": rows}, indent=2))
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
     return 0

@@ -12,10 +12,8 @@ previous checkpoint. Mask pieces carry their flat ranges, so the masks load on a
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -23,31 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .atomic import torch_save, write_text
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def rng_states() -> dict:
@@ -78,11 +59,11 @@ def save(engine, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
     tag = tag_for(step)
     rank = dist.get_rank()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    atomic_torch_save(trainer_state, root / tag / "trainer" / f"rank{rank:05d}.pt")
+    torch_save(trainer_state, root / tag / "trainer" / f"rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        atomic_write_text(root / tag / COMPLETE, f"{dist.get_world_size()}\n")
-        atomic_write_text(root / LATEST, tag + "\n")
+        write_text(root / tag / COMPLETE, f"{dist.get_world_size()}\n")
+        write_text(root / LATEST, tag + "\n")
         for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != tag)[:-max(0, keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -2,10 +2,9 @@
 be checked before GPU hours are spent on it (``prune-ofa schedule``)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic import replacing
 from .config import Recipe
 
 
@@ -89,14 +88,9 @@ def plot_schedule(recipe: Recipe, path: str | Path) -> Path:
     ax_s.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize=8)
     ax_s.set_title(describe(recipe), fontsize=7, wrap=True)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".schedule-", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from transformers import BertConfig, BertForPreTraining, DistilBertConfig, DistilBertForMaskedLM
 
 from sparse_pretrain.gmp_schedule import GMPSchedule

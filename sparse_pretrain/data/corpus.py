@@ -24,13 +24,11 @@ import gzip
 import io
 import json
 import lzma
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -39,6 +37,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..atomic import replacing, write_text
 from .wikimarkup import clean_wikitext
 
 SOURCES = ("wiki", "austen", "wordnet")
@@ -268,23 +267,10 @@ SOURCE_BUILDERS: dict[str, Callable[[Path], tuple[list[dict], str]]] = {
 
 # -- writing -----------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.chmod(tmp, 0o644)                     # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_jsonl(path: Path, docs: list[dict]) -> None:
-    def write(f):
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    _write_atomic(path, write)
 
 
 def read_manifest(out: Path) -> dict:
@@ -320,5 +306,5 @@ def materialize_corpus(out: str | Path, sources: Iterable[str] = SOURCES, cache:
                                          "words": sum(len(d["text"].split()) for d in docs),
                                          "origin": origin, "seconds": round(time.time() - started, 1)}
             log(f"{name}: {len(docs)} documents, {chars:,} chars -> {path}")
-        _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2) + "\n"))
+        write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
