@@ -171,6 +171,9 @@ def run(recipe: Recipe) -> Path:
         else:
             teacher.to(engine.device)
 
+    # inference mode is the cheapest, but ZeRO-3's partitioning hooks write into the gathered
+    # parameters after the forward, which inference tensors forbid
+    no_grad_for_teacher = torch.no_grad if recipe.model.teacher_zero3 else torch.inference_mode
     pruner = shards = None
     if student_stage:
         named = [(name, dict(engine.module.named_parameters())[name]) for name in pruned_names]
@@ -215,7 +218,7 @@ def run(recipe: Recipe) -> Path:
             loss_kd = torch.zeros((), device=engine.device)
             if teacher is not None:
                 teacher_inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
-                with torch.inference_mode():
+                with no_grad_for_teacher():
                     teacher_out = teacher(**teacher_inputs)
                 terms = pretraining_distillation_loss(
                     weights, loss_pt, mlm_logits(output), mlm_logits(teacher_out).clone(), batch["attention_mask"],

@@ -159,3 +159,13 @@ def test_deepspeed_launcher_runs_the_module(setup):
     assert "x 2 ranks" in done.stdout
     zeros, report = exported_zeros(out / "model")
     assert all(int(z.sum()) == pruned_count(0.9, z.numel()) for z in zeros.values())
+
+
+def test_teacher_partitioned_with_zero3(setup):
+    """model.teacher_zero3: the frozen teacher is partitioned too; the run and its sparsity are the same."""
+    root, recipe = setup
+    out = root / "teacher-zero3"
+    torchrun(2, recipe, f"training.output_dir={out}", "training.zero_stage=3", "model.teacher_zero3=true",
+             "training.total_steps=4", "pruning.policy_end=2", "pruning.end=2", "training.save_interval=4")
+    zeros, _ = exported_zeros(out / "model")
+    assert all(int(z.sum()) == pruned_count(0.9, z.numel()) for z in zeros.values())
