@@ -35,7 +35,7 @@ def gather_full_masks(pruner):
     return full
 
 
-def main(out_dir, stage, method_name, final):
+def main(out_dir, stage, method_name, final, persistence_threshold=0):
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     init_distributed()
@@ -47,7 +47,8 @@ def main(out_dir, stage, method_name, final):
     model = BertForPreTraining(cfg)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * world,
                  "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                 "zero_optimization": {"stage": stage,
+                                       "stage3_param_persistence_threshold": persistence_threshold},
                  "steps_per_print": 10 ** 9}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -99,7 +100,8 @@ def main(out_dir, stage, method_name, final):
                         "pruned_nonzero": int((working.flatten()[~full_masks[name]] != 0).sum())}
     mask_bytes = [None] * world
     dist.all_gather_object(mask_bytes, sum(m.numel() for m in pruner.masks.values()))
-    result.update(counts=counts, mask_bytes=mask_bytes, total=sum(p.shape.numel() for p in pruner.params),
+    persistent = [name for name, p in named if getattr(p, "ds_persist", False)]
+    result.update(persistent=persistent, counts=counts, mask_bytes=mask_bytes, total=sum(p.shape.numel() for p in pruner.params),
                   sparsity=pruner.sparsity())
     if rank == 0:
         with open(f"{out_dir}/result.json", "w") as f:
@@ -108,4 +110,4 @@ def main(out_dir, stage, method_name, final):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), *map(int, sys.argv[5:]))

@@ -12,11 +12,11 @@ from test_distributed import free_port
 HERE = Path(__file__).parent
 
 
-def run_worker(tmp_path, world_size, stage, method, final):
+def run_worker(tmp_path, world_size, stage, method, final, *extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(HERE / "dist_zero_worker.py"), str(tmp_path), str(stage), method, str(final)]
+           str(HERE / "dist_zero_worker.py"), str(tmp_path), str(stage), method, str(final), *map(str, extra)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((tmp_path / "result.json").read_text())
@@ -47,3 +47,16 @@ def test_sharded_masks_under_zero(tmp_path, world_size, stage, method, final):
             assert max(per_rank) <= total / world_size + 64 * len(result["counts"])
         else:                                                   # flat partitions of ALL params
             assert max(per_rank) < total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, final", [("unstructured", 0.9), ("block", 0.8)])
+def test_persistent_zero3_parameters_are_masked_everywhere(tmp_path, method, final):
+    """With ZeRO-3's default persistence threshold every weight of a tiny model stays whole on every
+    rank as well as partitioned: the whole copies must carry the zeros too."""
+    result = run_worker(tmp_path, 2, 3, method, final, 100_000)
+    assert len(result["persistent"]) == len(result["counts"])
+    assert result["masks_equal_one_process"]
+    for name, c in result["counts"].items():
+        assert c["master_zeros"] == c["working_zeros"] == c["mask_pruned"] == c["expected"], name
+        assert c["pruned_nonzero"] == 0, name
