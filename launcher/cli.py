@@ -33,7 +33,7 @@ def cmd_demo(args) -> int:
     from pathlib import Path
 
     from launcher.demo import run_demo
-    return run_demo(Path(args.out))
+    return run_demo(Path(args.out), args.steps, args.processes)
 
 
 def cmd_pretrain(args) -> int:
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print/plot the paper's schedule and prune the packaged MiniLM-L6 "
                                       "with every method through the real pruner.")
     demo.add_argument("--out", default="runs/demo", help="where report.md, report.json and plots go")
+    demo.add_argument("--steps", type=int, default=60,
+                      help="steps of teacher preparation and of student pruning (0: skip that part)")
+    demo.add_argument("--processes", type=int, default=2, help="DeepSpeed processes per stage")
     demo.set_defaults(func=cmd_demo)
     return parser
 
