@@ -193,7 +193,7 @@ def run_demo(out: Path, steps: int = 60, processes: int = 2) -> int:
 
     pretraining = []
     if steps > 0:
-        print(f"\n== 3. teacher preparation and student pruning of MiniLM-L6 on the offline corpus")
+        print("\n== 3. teacher preparation and student pruning of MiniLM-L6 on the offline corpus")
         pretraining = run_pretraining(out, steps, processes)
     pre_lines = ["| step | teacher masked-LM acc. | student masked-LM acc. | student sparsity |", "|---|---|---|---|"]
     for r in pretraining[:-1]:
