@@ -14,11 +14,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
+        from .trainer import run
+        run(recipe)
     except ConfigError as err:
         print(f"invalid config: {err}", file=sys.stderr)
         return 2
-    from .trainer import run
-    run(recipe)
     return 0
 
 

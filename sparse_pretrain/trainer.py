@@ -137,17 +137,23 @@ def run(recipe: Recipe) -> Path:
     use_cuda = torch.cuda.is_available()
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda)
     ds_config = deepspeed_config(recipe, world, use_bf16)          # bad batch arithmetic fails here
-    torch.manual_seed(t.seed + rank)
+    nsp = resolve_nsp(recipe)
+    if student_stage:   # bad patterns or block shapes fail on the bare structure, before any loading
+        from transformers import AutoConfig
+        with torch.device("meta"):
+            check_against_model(recipe, model_class(nsp).from_config(AutoConfig.from_pretrained(
+                recipe.model.name_or_path)))
 
     # data: prepared once by `prune-ofa prepare-data`, memory-mapped here
     tokenizer = load_tokenizer(recipe)
     train_rows, held_out = load_prepared(recipe)
-    nsp = resolve_nsp(recipe)
     batches = PretrainingBatches(len(train_rows), t.global_batch_size, t.micro_batch_size, world, rank,
                                  seed=t.seed, with_mask_seeds=True)
     collator = MaskingCollator(tokenizer, seed=t.seed)
 
-    # models: the student (or the teacher being prepared), and the frozen teacher
+    # models: the student (or the teacher being prepared), and the frozen teacher; heads missing
+    # from a checkpoint are initialised alike on every rank
+    torch.manual_seed(t.seed)
     model = load_model(recipe.model.name_or_path, nsp, recipe.model.attn_implementation)
     pruned = check_against_model(recipe, model) if student_stage else []
     pruned_names = [name for name, _ in pruned]
@@ -182,6 +188,7 @@ def run(recipe: Recipe) -> Path:
         pruner = GradualPruner(shards.params, recipe.pruning_method(), recipe.gmp_schedule(), recipe.pruning.scope,
                                all_reduce=shards.all_reduce(), rank=shard_rank, world_size=shard_world)
         shards.install(pruner)
+    torch.manual_seed(t.seed + rank)   # dropout differs across ranks (and is restored on resume)
 
     # resume from the newest complete checkpoint in the output directory, if any
     ckpt_root = output_dir / "checkpoints"
