@@ -169,3 +169,16 @@ def test_teacher_partitioned_with_zero3(setup):
              "training.total_steps=4", "pruning.policy_end=2", "pruning.end=2", "training.save_interval=4")
     zeros, _ = exported_zeros(out / "model")
     assert all(int(z.sum()) == pruned_count(0.9, z.numel()) for z in zeros.values())
+
+
+def test_bad_recipe_fails_before_anything_loads(setup):
+    root, recipe = setup
+    done = subprocess.run([sys.executable, "-m", "sparse_pretrain", "--config", str(recipe),
+                           f"training.output_dir={root / 'bad'}", "pruning.method=block", "pruning.block_shape=[1,5]"],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "invalid config: pruning.block_shape:" in done.stderr and "does not divide" in done.stderr
+    assert not (root / "bad").exists()
+    done = subprocess.run([sys.executable, "-m", "sparse_pretrain", "--config", str(recipe),
+                           "training.micro_batch_size=5"], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "training.micro_batch_size: must divide global_batch_size (12)" in done.stderr
