@@ -195,20 +195,31 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
 
 def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults), apply ``key=value`` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {str(path)!r}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config: {path} is not valid YAML ({err})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of sections")
+    tree = read_yaml_tree(path)
+    return recipe_from_dict(apply_overrides(tree, overrides))
+
+
+def read_yaml_tree(path: str | Path | None) -> dict:
+    """A YAML config file as a mapping (empty without a path); a clear ConfigError otherwise."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {str(path)!r}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML ({err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections")
+    return tree
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a config mapping, in place."""
     for text in overrides:
         _set_path(tree, *_parse_override(text))
-    return recipe_from_dict(tree)
+    return tree
 
 
 def recipe_from_dict(tree: dict) -> Recipe:
