@@ -1,0 +1,112 @@
+"""Fine-tuning recipes (transfer with pattern-lock and KD, and QAT): YAML + ``key=value`` overrides,
+validated before any model is built, each error naming its key."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sparse_pretrain.config import ConfigError, apply_overrides, read_yaml_tree, resolve_packaged_model
+
+
+@dataclass
+class TaskConfig:
+    name: str = "rt-sentiment"
+    data_files: dict = field(default_factory=dict)     # split -> local JSON/CSV file (same schema as the hub)
+    text_columns: list = field(default_factory=list)   # custom tasks: one or two text columns
+    label_column: Optional[str] = None
+    num_labels: Optional[int] = None
+    max_seq_length: int = 128
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "runs/minilm-l6-85/model"
+    pattern_lock: bool = True          # keep the loaded model's zeros (a sparse model is required)
+    min_sparsity: float = 0.05         # pattern-lock on a model sparser than nothing, else an error
+
+
+@dataclass
+class DistillationConfig:
+    teacher: Optional[str] = None      # a dense model fine-tuned on the task; None: no KD
+    lambda_kd: float = 1.0
+    lambda_task: float = 0.0
+    temperature: float = 2.0
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 3.0
+    max_steps: Optional[int] = None
+    batch_size: int = 32               # per process
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    output_dir: str = "runs/finetune"
+    eval_batch_size: int = 64
+    eval_every: Optional[int] = None   # steps (None: at the end of every epoch)
+    save_every: Optional[int] = None   # steps between save_state checkpoints (None: end of each epoch)
+
+
+@dataclass
+class FinetuneRecipe:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def load_finetune_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneRecipe:
+    tree = apply_overrides(read_yaml_tree(path), overrides)
+    sections = {f.name: f.default_factory for f in dataclasses.fields(FinetuneRecipe)}
+    built = {}
+    for name in tree:
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+    for name, cls in sections.items():
+        values = tree.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: must be a mapping, got {values!r}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
+            if isinstance(known[key].default, float) and isinstance(value, str):
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    pass
+        built[name] = cls(**values)
+    recipe = FinetuneRecipe(**built)
+    _validate(recipe)
+    recipe.model.name_or_path = resolve_packaged_model(recipe.model.name_or_path, "model.name_or_path")
+    recipe.distillation.teacher = resolve_packaged_model(recipe.distillation.teacher, "distillation.teacher")
+    return recipe
+
+
+def _validate(r: FinetuneRecipe) -> None:
+    t, d = r.training, r.distillation
+    checks = [
+        ("training.batch_size", isinstance(t.batch_size, int) and t.batch_size > 0, "a positive integer"),
+        ("training.learning_rate", isinstance(t.learning_rate, (int, float)) and t.learning_rate > 0, "> 0"),
+        ("training.epochs", isinstance(t.epochs, (int, float)) and t.epochs > 0, "> 0"),
+        ("training.max_steps", t.max_steps is None or (isinstance(t.max_steps, int) and t.max_steps > 0),
+         "a positive integer or null"),
+        ("training.warmup_ratio", isinstance(t.warmup_ratio, (int, float)) and 0 <= t.warmup_ratio < 1, "in [0, 1)"),
+        ("task.max_seq_length", isinstance(r.task.max_seq_length, int) and r.task.max_seq_length >= 8, ">= 8"),
+        ("task.text_columns", len(r.task.text_columns) <= 2, "one or two columns"),
+        ("distillation.temperature", isinstance(d.temperature, (int, float)) and d.temperature > 0, "> 0"),
+        ("distillation.lambda_kd", isinstance(d.lambda_kd, (int, float)) and d.lambda_kd >= 0, ">= 0"),
+        ("distillation.lambda_task", isinstance(d.lambda_task, (int, float)) and d.lambda_task >= 0, ">= 0"),
+        ("model.min_sparsity", isinstance(r.model.min_sparsity, (int, float)) and 0 <= r.model.min_sparsity < 1,
+         "in [0, 1)"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {expected}")
+    if d.teacher is None and d.lambda_task == 0:
+        raise ConfigError("distillation.lambda_task: is 0 and there is no distillation.teacher: nothing to learn "
+                          "from (set lambda_task > 0 for a dense task teacher)")

