@@ -52,11 +52,19 @@ class TrainingConfig:
 
 
 @dataclass
+class QATConfig:
+    enabled: bool = False              # 8-bit quantization-aware training (prune-ofa qat sets it)
+    per_channel: bool = False          # int8 weight scales per output row instead of per tensor
+    reduce_range: bool = True          # 7-bit activations: exact on CPUs without VNNI (see quantization.py)
+
+
+@dataclass
 class FinetuneRecipe:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
 
 
 def load_finetune_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneRecipe:

@@ -90,6 +90,9 @@ def run(recipe: FinetuneRecipe) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         recipe.model.name_or_path, num_labels=spec.num_labels,
         **({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}))
+    if recipe.qat.enabled:   # fake-quantized encoder Linears, weights still the same Parameters
+        from .quantization import prepare_qat
+        prepare_qat(model, per_channel=recipe.qat.per_channel, reduce_range=recipe.qat.reduce_range)
     teacher = None
     if d.teacher:
         teacher = AutoModelForSequenceClassification.from_pretrained(d.teacher).eval().requires_grad_(False)
@@ -175,13 +178,49 @@ def run(recipe: FinetuneRecipe) -> dict:
     accelerator.wait_for_everyone()
     model_dir = output_dir / "model"
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and recipe.qat.enabled:
+        summary.update(export_int8(accelerator.unwrap_model(model), lock, tokenizer, output_dir / "model-int8",
+                                   tokenized, spec, collate, t.eval_batch_size))
+    elif accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
+    if accelerator.is_main_process:
         write_text(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({"metrics": results, "sparsity": summary["sparsity"]}))
     accelerator.wait_for_everyone()
     return summary
+
+
+def export_int8(qat_model, lock, tokenizer, out_dir: Path, tokenized, spec, collate, batch_size: int) -> dict:
+    """Convert the fake-quantized model to real int8 weights, export it, reload the export and
+    evaluate it on CPU; check that its int8 weights are zero exactly where the masks say."""
+    from torch.utils.data import DataLoader
+
+    from .quantization import convert_to_int8, int8_modules, load_quantized, save_quantized
+    int8 = convert_to_int8(qat_model.cpu())
+    save_quantized(int8, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    reloaded = load_quantized(out_dir).eval()
+    metrics = {}
+    for split in spec.eval_splits:
+        predictions, labels = [], []
+        for batch in DataLoader(tokenized[split], batch_size=batch_size, collate_fn=collate):
+            with torch.no_grad():
+                logits = reloaded(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            predictions.append(logits.argmax(-1).numpy())
+            labels.append(batch["labels"].numpy())
+        metrics[split] = classification_metrics(np.concatenate(predictions), np.concatenate(labels), spec.metrics)
+    violations = 0
+    if lock is not None:
+        masks = lock.full_masks()
+        for name, module in int8_modules(reloaded).items():
+            mask = masks.get(f"{name}.weight")
+            if mask is not None:
+                violations += int((module.weight().int_repr() != 0)[~mask].sum())
+        if violations:
+            raise RuntimeError(f"int8 export: {violations} pruned weights are nonzero after quantization")
+    return {"int8_model": str(out_dir), "int8_metrics": metrics,
+            "int8_pruned_nonzero": violations if lock is not None else None}
 
 
 def save_state(accelerator, state_dir: Path, step: int, lock) -> None:

@@ -43,6 +43,39 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_finetune(args, qat: bool = False) -> int:
+    from finetune.config import load_finetune_recipe
+    from finetune.trainer import run
+    overrides = list(args.overrides) + (["qat.enabled=true"] if qat else [])
+    run(load_finetune_recipe(args.config, overrides))
+    return 0
+
+
+def cmd_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from finetune.report import build_report, format_markdown, write_report
+    quantized = None
+    if args.int8:
+        from finetune.quantization import int8_modules, load_quantized
+        quantized = {f"{name}.weight": module.weight() for name, module in
+                     int8_modules(load_quantized(args.int8)).items()}
+    def read(path):
+        """A metrics file: a flat {name: value}, or finetune's metrics.json ({split: {name: value}})."""
+        if not path:
+            return None
+        data = json.loads(Path(path).read_text())
+        data = data.get("metrics", data)
+        return {(f"{split}/{k}" if isinstance(v, dict) else split): val
+                for split, v in data.items() for k, val in (v.items() if isinstance(v, dict) else [(split, v)])}
+    report = build_report(args.model, quantized=quantized, metrics=read(args.metrics), baseline=read(args.baseline),
+                          compact_path=Path(args.out) / "model.compact.safetensors")
+    write_report(report, args.out)
+    print(format_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-ofa",
@@ -64,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                                           "process, or in each process of a torchrun/deepspeed/srun launch.")
     _add_config_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+    finetune = sub.add_parser("finetune", help="pattern-locked fine-tuning with KD (Accelerate)",
+                              description="Fine-tune on a task with the zeros locked, distilling from a dense "
+                                          "task teacher; also trains that teacher (model.pattern_lock=false).")
+    _add_config_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+    qat = sub.add_parser("qat", help="8-bit quantization-aware training after fine-tuning, int8 export",
+                         description="The finetune recipe with qat.enabled=true: fake-quantized encoder "
+                                     "Linears, then a real int8 export evaluated on CPU.")
+    _add_config_args(qat)
+    qat.set_defaults(func=lambda args: cmd_finetune(args, qat=True))
+    report = sub.add_parser("report", help="sparsity and honest compression report of a model directory")
+    report.add_argument("model", help="a Hugging Face model directory (dense or sparse)")
+    report.add_argument("--int8", help="the int8 export of that model (prune-ofa qat's model-int8)")
+    report.add_argument("--metrics", help="metrics.json of the model's task run")
+    report.add_argument("--baseline", help="metrics of the dense baseline (JSON)")
+    report.add_argument("--out", required=True, help="where report.md, report.json and the compact export go")
+    report.set_defaults(func=cmd_report)
     demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
                           description="Print/plot the paper's schedule and prune the packaged MiniLM-L6 "
                                       "with every method through the real pruner.")
@@ -86,6 +136,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"prune-ofa {args.command}: invalid config: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:   # bad input found before the expensive work
+        print(f"prune-ofa {args.command}: {err}", file=sys.stderr)
         return 2
 
 

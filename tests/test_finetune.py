@@ -127,3 +127,26 @@ def test_bad_inputs_fail_early_with_a_clear_message(setup):
     assert done.returncode == 2 and "pattern-lock needs a sparse pre-trained model" in done.stderr
     for name in ("bad1", "bad2", "bad3"):
         assert not (root / name / "model").exists()
+
+
+def test_qat_keeps_zeros_and_the_int8_export_reproduces_fake_quant_metrics(setup):
+    root, recipe, student, teacher = setup
+    out = root / "qat"
+    summary = launch(recipe, out, "--multi_gpu", extra=["qat.enabled=true", "training.max_steps=16",
+                                                        "training.learning_rate=1e-3"])
+    assert summary["sparsity_unchanged"]                      # pattern-lock on the float weights
+    assert summary["int8_pruned_nonzero"] == 0                # and zeros in the stored int8 weights
+    fake, real = summary["metrics"]["validation"]["accuracy"], summary["int8_metrics"]["validation"]["accuracy"]
+    assert abs(fake - real) <= 2 / 128                        # within rounding: at most 2 of 128 flip
+    assert (out / "model-int8" / "quantization.json").is_file()
+    report_dir = root / "report"
+    prune_ofa = os.path.join(os.path.dirname(sys.executable), "prune-ofa")
+    done = subprocess.run([prune_ofa, "report", str(student), "--int8", str(out / "model-int8"),
+                           "--metrics", str(out / "metrics.json"), "--out", str(report_dir)],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    text = json.dumps(report)
+    assert "40" in (report_dir / "report.md").read_text()     # 90% sparse + int8: the paper's nominal 40x
+    assert (report_dir / "model.compact.safetensors").stat().st_size > 0
+    assert "nominal" in text
