@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from finetune.quantization import (Int8Linear, QATLinear, TrainOnlyFakeQuantize, convert_to_int8,
+from finetune.quantization import (Int8Linear, TrainOnlyFakeQuantize, convert_to_int8,
                                    int8_modules, load_quantized, prepare_qat, qat_modules,
                                    quantized_layer_report, save_quantized)
 from sparse_pretrain.masks import find_prunable
