@@ -137,7 +137,6 @@ def run(recipe: FinetuneRecipe) -> dict:
         for batch in train_loader:
             if step >= total:
                 break
-            labels = batch["labels"]
             out = model(**batch)
             loss = d.lambda_task * out.loss if teacher is not None else out.loss
             if teacher is not None:
@@ -156,8 +155,8 @@ def run(recipe: FinetuneRecipe) -> dict:
                 lock.apply_masks()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            del labels
+            if step % 10 == 0 and accelerator.is_main_process:   # a host sync only every 10 steps
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if (t.save_every and step % t.save_every == 0) or step == total:
                 save_state(accelerator, state_dir, step, lock)
             if t.eval_every and step % t.eval_every == 0:
