@@ -54,9 +54,6 @@ Export format (:func:`save_quantized`), a directory written atomically:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -71,6 +68,7 @@ from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
                                    MovingAveragePerChannelMinMaxObserver, QConfig)
 from torch.ao.quantization import convert as _ao_convert
 
+from sparse_pretrain.atomic import replacing_dir
 from sparse_pretrain.masks import DEFAULT_INCLUDE, find_prunable
 
 FORMAT = "prune-ofa-int8"
@@ -323,25 +321,11 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path]) -> Path:
             "reduce_range": settings.get("reduce_range"), "ema_decay": settings.get("ema_decay"),
             "torch": torch.__version__}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replacing_dir(out_dir) as tmp:
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         torch.save(model.state_dict(), tmp / STATE_FILE)
-        os.chmod(tmp, 0o755)                      # mkdtemp makes 0700 directories
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

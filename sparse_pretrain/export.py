@@ -3,14 +3,13 @@ and sparsity.json measured from the exported weights themselves (zeros are real 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .atomic import replacing_dir
 
 
 def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -46,10 +45,7 @@ def layer_sparsity(state: dict[str, torch.Tensor], names: list[str]) -> dict[str
 def export_model(model_class, config, state: dict[str, torch.Tensor], tokenizer, out_dir: Path,
                  pruned_names: list[str], target: Optional[float], extra: Optional[dict] = None) -> Path:
     """Write the directory atomically (a new one replaces an old only when complete)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replacing_dir(out_dir) as tmp:
         model = model_class(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -66,15 +62,4 @@ def export_model(model_class, config, state: dict[str, torch.Tensor], tokenizer,
         report = {"target": target, "global": zeros / total if total else 0.0, "pruned_parameters": total,
                   "layers": layers, **(extra or {})}
         (tmp / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
