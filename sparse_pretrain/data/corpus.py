@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..atomic import replacing, write_text
-from .wikimarkup import clean_wikitext
+from .wikimarkup import clean_wikitext, join_paragraphs
 
 SOURCES = ("wiki", "austen", "wordnet")
 GENSIM_PIN = "gensim==4.4.0"
@@ -151,18 +151,8 @@ _ITALICS = re.compile(r"_(\S(?:.*?\S)?)_")
 
 
 def paragraphs_from_lines(lines: Iterable[str]) -> list[str]:
-    """Hard-wrapped lines -> paragraphs (blank lines separate paragraphs)."""
-    paragraphs, current = [], []
-    for line in lines:
-        line = line.strip()
-        if line:
-            current.append(line)
-        elif current:
-            paragraphs.append(" ".join(current))
-            current = []
-    if current:
-        paragraphs.append(" ".join(current))
-    return [re.sub(r"\s+", " ", _ITALICS.sub(r"\1", p)) for p in paragraphs]
+    """Hard-wrapped lines -> paragraphs (blank lines separate paragraphs), Austen's _italics_ unmarked."""
+    return [re.sub(r"\s+", " ", _ITALICS.sub(r"\1", p)) for p in join_paragraphs(lines)]
 
 
 def austen_chapters(book: str, lines: Iterable[str]) -> list[dict]:

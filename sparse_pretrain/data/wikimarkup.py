@@ -95,16 +95,36 @@ def clean_wikitext(text: str) -> str:
     text = _TAG.sub("", text)                     # tags that were entity-escaped in the dump
     text = _BOLD_ITALIC.sub("", text)
     text = _MAGIC.sub("", text)
-    paragraphs, current = [], []
+    cleaned = []
+    for p in join_paragraphs(_prose_lines(text)):
+        p = _LEADING_PUNCT_IN_PARENS.sub("(", _EMPTY_PARENS.sub("", p))
+        p = _SPACES.sub(" ", p)
+        p = _SPACE_BEFORE_PUNCT.sub(r"\1", p).strip()
+        if len(p) >= 20 and any(c.isalpha() for c in p):
+            cleaned.append(p)
+    return "\n\n".join(cleaned)
+
+
+def _prose_lines(text: str):
+    """The article's lines up to its trailing sections, markup-only lines (lists, tables, headings)
+    turned into paragraph breaks."""
     for line in text.splitlines():
         line = line.strip()
         heading = _HEADING.match(line)
         if heading:
             if heading.group(2).strip().lower() in TRAILING_SECTIONS:
-                break
+                return
             line = ""
         if line[:1] in ("*", "#", ":", ";", "|", "!", "{", "}") or line.lower().startswith("#redirect"):
             line = ""
+        yield line
+
+
+def join_paragraphs(lines) -> list[str]:
+    """Hard-wrapped lines -> paragraphs: consecutive non-blank lines joined, blank lines separate."""
+    paragraphs, current = [], []
+    for line in lines:
+        line = line.strip()
         if line:
             current.append(line)
         elif current:
@@ -112,11 +132,4 @@ def clean_wikitext(text: str) -> str:
             current = []
     if current:
         paragraphs.append(" ".join(current))
-    cleaned = []
-    for p in paragraphs:
-        p = _LEADING_PUNCT_IN_PARENS.sub("(", _EMPTY_PARENS.sub("", p))
-        p = _SPACES.sub(" ", p)
-        p = _SPACE_BEFORE_PUNCT.sub(r"\1", p).strip()
-        if len(p) >= 20 and any(c.isalpha() for c in p):
-            cleaned.append(p)
-    return "\n\n".join(cleaned)
+    return paragraphs
