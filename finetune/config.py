@@ -18,6 +18,9 @@ class TaskConfig:
     label_column: Optional[str] = None
     num_labels: Optional[int] = None
     max_seq_length: int = 128
+    doc_stride: int = 128              # SQuAD: overlap of consecutive windows of a long context
+    n_best_size: int = 20              # SQuAD: start/end candidates per window
+    max_answer_length: int = 30        # SQuAD: longest answer span, in tokens
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Transfer: fine-tune a (sparse) pre-trained model on a task with its zeros locked, distilling from
 a dense task teacher, on Accelerate (plain DDP or its DeepSpeed plugin).
 
-The same recipe trains the dense task teacher (``model.pattern_lock: false``, no
+Sentence (pair) classification and SQuAD share the loop; `heads.py` holds what differs. The same
+recipe trains the dense task teacher (``model.pattern_lock: false``, no
 ``distillation.teacher``, ``lambda_task: 1``). Read top to bottom: setup, loop, checks, export.
 Run: ``accelerate launch -m finetune --config RECIPE.yaml`` or ``prune-ofa finetune --config ...``.
 """
@@ -11,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sparse_pretrain.atomic import write_text
@@ -20,21 +20,30 @@ from sparse_pretrain.masks import find_prunable
 from sparse_pretrain.pattern_lock import PatternLock
 
 from .config import FinetuneRecipe
-from .tasks import (check_teacher_labels, classification_metrics, load_task, task_spec,
-                    tokenize_classification)
+from .heads import head_for
+
+LABEL_COLUMNS = ("labels", "start_positions", "end_positions")
 
 
-def make_accelerator():
+def make_accelerator(seed: int):
     """Under a launcher, the process group with the backend this machine has (gloo on CPU: Accelerate's
-    DeepSpeed plugin needs it said); one plain process otherwise."""
+    DeepSpeed plugin needs it said); one plain process otherwise. The training order is a function of
+    (seed, epoch) alone (Accelerate's seedable sampler), so a resumed run sees the same batches."""
     import os
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    try:  # TEMP until launcher.rendezvous lands
+        from launcher.rendezvous import export_torch_env
+        export_torch_env()
+    except ImportError:
+        pass            # srun started every rank: RANK, WORLD_SIZE, ... from SLURM's variables
+    data = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Accelerator()
+        return Accelerator(dataloader_config=data)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+    return Accelerator(dataloader_config=data, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
 
 
 def pattern_lock_for(accelerator, model, prepared_model, min_sparsity: float):
@@ -60,50 +69,47 @@ def pattern_lock_for(accelerator, model, prepared_model, min_sparsity: float):
     return lock, hooked
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, loader, metrics) -> dict:
+def evaluate(accelerator, model, head, loaders: dict) -> dict:
     model.eval()
-    predictions, labels = [], []
-    for batch in loader:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        preds, refs = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
-        predictions.append(preds.cpu().numpy())
-        labels.append(refs.cpu().numpy())
+    results = {split: head.evaluate(model, loader, split, accelerator.gather_for_metrics)
+               for split, loader in loaders.items()}
     model.train()
-    return classification_metrics(np.concatenate(predictions), np.concatenate(labels), metrics)
+    return results
+
+
+def distillation_loss(student_out, teacher_out, head, temperature: float) -> torch.Tensor:
+    """Soft cross-entropy at temperature T, averaged over the head's logits (the class logits; or
+    the start and end logits of SQuAD)."""
+    pairs = list(zip(head.distilled_logits(student_out), head.distilled_logits(teacher_out)))
+    return sum(soft_cross_entropy(s, t.clone(), temperature) for s, t in pairs) / len(pairs)
 
 
 def run(recipe: FinetuneRecipe) -> dict:
     from torch.utils.data import DataLoader
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, get_linear_schedule_with_warmup)
+    from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
     t, d = recipe.training, recipe.distillation
-    spec = task_spec(recipe.task.name, recipe.task.text_columns, recipe.task.label_column, recipe.task.num_labels)
-    data = load_task(spec, recipe.task.data_files, seed=t.seed)           # bad columns/labels fail here
+    head = head_for(recipe.task)
+    data = head.load(recipe.task.data_files, seed=t.seed)           # bad columns/labels fail here
     if d.teacher:
-        check_teacher_labels(spec, AutoConfig.from_pretrained(d.teacher))   # before any weights load
-    accelerator = make_accelerator()
+        head.check_teacher(AutoConfig.from_pretrained(d.teacher))   # before any weights load
+    accelerator = make_accelerator(t.seed)
     torch.manual_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    id2label = dict(enumerate(spec.label_names)) if spec.label_names else None
-    model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.model.name_or_path, num_labels=spec.num_labels,
-        **({"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}))
+    model = head.model_class().from_pretrained(recipe.model.name_or_path, **head.model_kwargs())
     if recipe.qat.enabled:   # fake-quantized encoder Linears, weights still the same Parameters
         from .quantization import prepare_qat
         prepare_qat(model, per_channel=recipe.qat.per_channel, reduce_range=recipe.qat.reduce_range)
     teacher = None
     if d.teacher:
-        teacher = AutoModelForSequenceClassification.from_pretrained(d.teacher).eval().requires_grad_(False)
+        teacher = head.model_class().from_pretrained(d.teacher).eval().requires_grad_(False)
 
     with accelerator.main_process_first():
-        tokenized = tokenize_classification(data, tokenizer, spec, recipe.task.max_seq_length)
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    train_loader = DataLoader(tokenized[spec.train_split], batch_size=t.batch_size, shuffle=True,
-                              collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))
-    eval_loaders = {s: DataLoader(tokenized[s], batch_size=t.eval_batch_size, collate_fn=collate)
-                    for s in spec.eval_splits}
+        features = head.features(data, tokenizer)
+    train_loader = DataLoader(features.train, batch_size=t.batch_size, shuffle=True,
+                              collate_fn=features.collate, generator=torch.Generator().manual_seed(t.seed))
+    eval_loaders = {s: DataLoader(f, batch_size=t.eval_batch_size, collate_fn=features.collate)
+                    for s, f in features.eval.items()}
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
     total = t.max_steps or int(math.ceil(t.epochs * steps_per_epoch))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -123,26 +129,31 @@ def run(recipe: FinetuneRecipe) -> dict:
 
     output_dir = Path(t.output_dir)
     state_dir = output_dir / "state"
-    step = 0
-    if (state_dir / "step.json").is_file():           # resume: weights, optimizer, scheduler, RNG, masks
-        accelerator.load_state(str(state_dir))
-        step = json.loads((state_dir / "step.json").read_text())["step"]
+    step = resumed_from = 0
+    latest = latest_state(state_dir)
+    if latest is not None:                            # resume: weights, optimizer, scheduler, RNG, masks
+        accelerator.load_state(str(latest))
+        step = resumed_from = json.loads((latest / "step.json").read_text())["step"]
         if lock is not None:
-            lock.load_state_dict(torch.load(state_dir / f"masks_rank{accelerator.process_index}.pt"))
+            lock.load_state_dict(torch.load(latest / f"masks_rank{accelerator.process_index}.pt"))
+        accelerator.print(f"resumed from {latest} at step {step}")
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, desc=f"finetune {spec.name}")
+    bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process,
+               desc=f"{'qat' if recipe.qat.enabled else 'finetune'} {recipe.task.name}")
     history = []
     model.train()
     while step < total:
-        for batch in train_loader:
+        epoch, done_in_epoch = divmod(step, len(train_loader))
+        train_loader.set_epoch(epoch)            # this epoch's order; on resume, skip what was trained
+        for batch in accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader:
             if step >= total:
                 break
             out = model(**batch)
             loss = d.lambda_task * out.loss if teacher is not None else out.loss
             if teacher is not None:
                 with torch.inference_mode():
-                    teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                loss = loss + d.lambda_kd * soft_cross_entropy(out.logits, teacher_logits.clone(), d.temperature)
+                    teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_COLUMNS})
+                loss = loss + d.lambda_kd * distillation_loss(out, teacher_out, head, d.temperature)
             accelerator.backward(loss)
             if lock is not None and not hooked:
                 lock.mask_gradients()
@@ -160,16 +171,15 @@ def run(recipe: FinetuneRecipe) -> dict:
             if (t.save_every and step % t.save_every == 0) or step == total:
                 save_state(accelerator, state_dir, step, lock)
             if t.eval_every and step % t.eval_every == 0:
-                history.append({"step": step, **{s: evaluate(accelerator, model, l, spec.metrics)
-                                                 for s, l in eval_loaders.items()}})
+                history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders)})
     bar.close()
 
     # the pattern must be exactly what was loaded: a violation is an error
     if lock is not None:
         lock.verify()
-    results = {s: evaluate(accelerator, model, loader, spec.metrics) for s, loader in eval_loaders.items()}
+    results = evaluate(accelerator, model, head, eval_loaders)
     sparsity_after = lock.sparsity() if lock else None
-    summary = {"task": spec.name, "steps": step, "metrics": results, "history": history,
+    summary = {"task": recipe.task.name, "steps": step, "resumed_from_step": resumed_from, "metrics": results, "history": history,
                "sparsity": sparsity_after["global"] if lock else None,
                "sparsity_unchanged": (sparsity_after == sparsity_before) if lock else None,
                "distilled_from": d.teacher, "lambda_kd": d.lambda_kd if teacher is not None else 0.0,
@@ -179,7 +189,7 @@ def run(recipe: FinetuneRecipe) -> dict:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process and recipe.qat.enabled:
         summary.update(export_int8(accelerator.unwrap_model(model), lock, tokenizer, output_dir / "model-int8",
-                                   tokenized, spec, collate, t.eval_batch_size))
+                                   head, features, t.eval_batch_size))
     elif accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
@@ -190,7 +200,7 @@ def run(recipe: FinetuneRecipe) -> dict:
     return summary
 
 
-def export_int8(qat_model, lock, tokenizer, out_dir: Path, tokenized, spec, collate, batch_size: int) -> dict:
+def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch_size: int) -> dict:
     """Convert the fake-quantized model to real int8 weights, export it, reload the export and
     evaluate it on CPU; check that its int8 weights are zero exactly where the masks say."""
     from torch.utils.data import DataLoader
@@ -200,15 +210,8 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, tokenized, spec, coll
     save_quantized(int8, out_dir)
     tokenizer.save_pretrained(out_dir)
     reloaded = load_quantized(out_dir).eval()
-    metrics = {}
-    for split in spec.eval_splits:
-        predictions, labels = [], []
-        for batch in DataLoader(tokenized[split], batch_size=batch_size, collate_fn=collate):
-            with torch.no_grad():
-                logits = reloaded(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            predictions.append(logits.argmax(-1).numpy())
-            labels.append(batch["labels"].numpy())
-        metrics[split] = classification_metrics(np.concatenate(predictions), np.concatenate(labels), spec.metrics)
+    metrics = {split: head.evaluate(reloaded, DataLoader(f, batch_size=batch_size, collate_fn=features.collate), split)
+               for split, f in features.eval.items()}
     violations = 0
     if lock is not None:
         masks = lock.full_masks()
@@ -223,13 +226,29 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, tokenized, spec, coll
 
 
 def save_state(accelerator, state_dir: Path, step: int, lock) -> None:
-    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks; the step file
-    that marks the state complete is written last."""
-    accelerator.save_state(str(state_dir))
+    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks, in a new
+    directory per step; ``latest`` names it only once every rank has written, and older states go
+    then. A run killed while saving resumes from the previous complete state."""
+    import shutil
+    target = state_dir / f"step_{step:08d}"
+    accelerator.save_state(str(target))
     if lock is not None:
         from sparse_pretrain.atomic import torch_save
-        torch_save(lock.state_dict(), state_dir / f"masks_rank{accelerator.process_index}.pt")
+        torch_save(lock.state_dict(), target / f"masks_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text(state_dir / "step.json", json.dumps({"step": step}) + "\n")
+        write_text(target / "step.json", json.dumps({"step": step}) + "\n")
+        write_text(state_dir / "latest", target.name + "\n")
+        for old in state_dir.glob("step_*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def latest_state(state_dir: Path) -> Path | None:
+    """The newest complete state saved by :func:`save_state`, or None."""
+    latest = state_dir / "latest"
+    if not latest.is_file():
+        return None
+    target = state_dir / latest.read_text().strip()
+    return target if (target / "step.json").is_file() else None
