@@ -109,6 +109,9 @@ def _validate(r: FinetuneRecipe) -> None:
         ("training.warmup_ratio", isinstance(t.warmup_ratio, (int, float)) and 0 <= t.warmup_ratio < 1, "in [0, 1)"),
         ("task.max_seq_length", isinstance(r.task.max_seq_length, int) and r.task.max_seq_length >= 8, ">= 8"),
         ("task.text_columns", len(r.task.text_columns) <= 2, "one or two columns"),
+        ("task.doc_stride", r.task.name != "squad" or (isinstance(r.task.doc_stride, int)
+                                               and 0 < r.task.doc_stride < r.task.max_seq_length),
+         "a positive integer smaller than task.max_seq_length"),
         ("distillation.temperature", isinstance(d.temperature, (int, float)) and d.temperature > 0, "> 0"),
         ("distillation.lambda_kd", isinstance(d.lambda_kd, (int, float)) and d.lambda_kd >= 0, ">= 0"),
         ("distillation.lambda_task", isinstance(d.lambda_task, (int, float)) and d.lambda_task >= 0, ">= 0"),

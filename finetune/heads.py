@@ -154,9 +154,6 @@ class QuestionAnsweringHead:
 def head_for(task) -> ClassificationHead | QuestionAnsweringHead:
     """The head of a recipe's ``task`` section."""
     if task.name == "squad":
-        if task.doc_stride >= task.max_seq_length:
-            raise ValueError(f"task.doc_stride ({task.doc_stride}) must be smaller than task.max_seq_length "
-                             f"({task.max_seq_length})")
         return QuestionAnsweringHead(task.max_seq_length, task.doc_stride, task.n_best_size, task.max_answer_length)
     from .tasks import task_spec
     return ClassificationHead(task_spec(task.name, task.text_columns, task.label_column, task.num_labels),

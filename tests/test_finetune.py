@@ -188,3 +188,33 @@ def test_kill_and_resume_is_bitwise_identical(setup):
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((killed / "metrics.json").read_text())["sparsity_unchanged"]
+
+
+def test_mnli_from_local_files_is_scored_on_matched_and_mismatched(setup):
+    """MNLI's schema from local JSON files: three labels, two evaluation splits, both scored; the dense
+    path (no pattern-lock, no KD) is the task teacher's."""
+    from finetune.tasks import load_rt_sentiment
+    root = setup[0] / "mnli"
+    root.mkdir()
+    rt = load_rt_sentiment(seed=0)["train"]
+    files = {}
+    for i, split in enumerate(("train", "validation_matched", "validation_mismatched")):
+        path = root / f"{split}.json"
+        rows = rt.select(range(40 * i, 40 * i + 40))
+        path.write_text("\n".join(json.dumps({"premise": a, "hypothesis": b, "label": (j % 3)})
+                                  for j, (a, b) in enumerate(zip(rows["sentence"], rows["sentence"][1:] + ["."]))))
+        files[split] = str(path)
+    recipe = root / "mnli.yaml"
+    recipe.write_text(json.dumps({
+        "task": {"name": "mnli", "data_files": files, "max_seq_length": 32},
+        "model": {"name_or_path": str(tiny_classifier(root / "dense", num_labels=3)), "pattern_lock": False},
+        "distillation": {"lambda_task": 1.0},
+        "training": {"max_steps": 4, "batch_size": 8, "output_dir": str(root / "out")}}))
+    done = run_single(recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((root / "out" / "metrics.json").read_text())["metrics"]
+    assert sorted(metrics) == ["validation_matched", "validation_mismatched"]
+    assert all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(root / "out" / "model").id2label == {0: "entailment", 1: "neutral",
+                                                                           2: "contradiction"}
