@@ -18,6 +18,7 @@ from sparse_pretrain.atomic import write_text
 from sparse_pretrain.distill import soft_cross_entropy
 from sparse_pretrain.masks import find_prunable
 from sparse_pretrain.pattern_lock import PatternLock
+from sparse_pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
 
 from .config import FinetuneRecipe
 from .heads import head_for
@@ -34,11 +35,8 @@ def make_accelerator(seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-    try:  # TEMP until launcher.rendezvous lands
-        from launcher.rendezvous import export_torch_env
-        export_torch_env()
-    except ImportError:
-        pass            # srun started every rank: RANK, WORLD_SIZE, ... from SLURM's variables
+    from launcher.rendezvous import export_torch_env
+    export_torch_env()            # srun started every rank: RANK, WORLD_SIZE, ... from SLURM's variables
     data = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Accelerator(dataloader_config=data)
@@ -94,6 +92,7 @@ def run(recipe: FinetuneRecipe) -> dict:
     if d.teacher:
         head.check_teacher(AutoConfig.from_pretrained(d.teacher))   # before any weights load
     accelerator = make_accelerator(t.seed)
+    watch = PreemptionWatch(all_reduce=max_all_reduce(), watch_file=accelerator.is_main_process)
     torch.manual_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
     model = head.model_class().from_pretrained(recipe.model.name_or_path, **head.model_kwargs())
@@ -168,11 +167,27 @@ def run(recipe: FinetuneRecipe) -> dict:
             bar.update(1)
             if step % 10 == 0 and accelerator.is_main_process:   # a host sync only every 10 steps
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if (t.save_every and step % t.save_every == 0) or step == total:
+            # preemption (SLURM's warning signal, or the stop file): save this step, then stop for a requeue
+            stop = step < total and watch.should_stop()          # one all-reduce of one int, every rank
+            periodic = step % t.save_every == 0 if t.save_every else step % len(train_loader) == 0
+            if periodic or step == total or stop:
                 save_state(accelerator, state_dir, step, lock)
+            if stop:
+                bar.close()
+                accelerator.print(f"preempted ({watch.reason()}) after step {step}: state saved, exiting with "
+                                  f"{REQUEUE_EXIT_CODE} for a requeue")
+                if accelerator.is_main_process:
+                    write_text(output_dir / PREEMPTED_MARKER, f"{step}\n")
+                    watch.clear_stop_file()
+                accelerator.wait_for_everyone()
+                raise SystemExit(REQUEUE_EXIT_CODE)
             if t.eval_every and step % t.eval_every == 0:
                 history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders)})
     bar.close()
+    watch.close()
+    if accelerator.is_main_process:   # a finished run is not a preempted one, whatever an earlier attempt left
+        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        watch.clear_stop_file()
 
     # the pattern must be exactly what was loaded: a violation is an error
     if lock is not None:

@@ -218,3 +218,29 @@ def test_mnli_from_local_files_is_scored_on_matched_and_mismatched(setup):
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(root / "out" / "model").id2label == {0: "entailment", 1: "neutral",
                                                                            2: "contradiction"}
+
+
+def test_preemption_request_saves_exits_75_and_the_rerun_finishes_the_same(setup):
+    """SLURM's warning signal reaches the trainer as the stop file (sparse_pretrain/preemption.py):
+    it saves its state at that step, writes PREEMPTED and exits 75 (the batch script then requeues);
+    the requeued run resumes and ends with the weights of an uninterrupted run."""
+    root, recipe, student, teacher = setup
+    extra = ["training.max_steps=12", "training.save_every=100", "training.learning_rate=1e-3"]
+    straight, preempted = root / "one-straight", root / "one-preempted"
+    assert run_single(recipe, f"training.output_dir={straight}", *extra).returncode == 0
+    stop = root / "STOP"
+    stop.touch()                               # asked to stop before the first step ends
+    e = dict(env(), PRUNE_OFA_STOP_FILE=str(stop))
+    cmd = [sys.executable, "-m", "finetune", "--config", str(recipe), f"training.output_dir={preempted}", *extra]
+    first = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert (preempted / "PREEMPTED").read_text().strip() == "1" and not stop.exists()
+    assert (preempted / "state" / "latest").read_text().strip() == "step_00000001"
+    assert not (preempted / "model").exists()
+    second = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((preempted / "metrics.json").read_text())["resumed_from_step"] == 1
+    assert not (preempted / "PREEMPTED").exists()
+    from safetensors.torch import load_file
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(preempted / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
