@@ -33,7 +33,11 @@ def cmd_demo(args) -> int:
     from pathlib import Path
 
     from launcher.demo import run_demo
-    return run_demo(Path(args.out), args.steps, args.processes)
+    from launcher.demo_pipeline import DemoSizes
+    sizes = DemoSizes(processes=args.processes, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+                      finetune_steps=args.finetune_steps, qat_steps=args.qat_steps,
+                      sparsities=tuple(s / 100 for s in args.sparsities))
+    return run_demo(Path(args.out), sizes, one_shot=not args.no_one_shot)
 
 
 def cmd_pretrain(args) -> int:
@@ -76,6 +80,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from launcher.pipeline import load_pipeline
+    from launcher.submit import SubmitError, format_submitted, submit_pipeline
+    pipeline = load_pipeline(args.pipeline)
+    try:
+        record = submit_pipeline(pipeline, only=args.only, dry_run=args.dry_run)
+    except SubmitError as err:
+        print(f"prune-ofa submit: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"dry run: scripts in {pipeline.slurm_dir} (submit.sh submits them all); nothing submitted")
+        return 0
+    stages = [s for s in pipeline.stages if s in (args.only or pipeline.stages)]
+    print(f"pipeline {pipeline.name}: {len(stages)} job(s) submitted")
+    print(format_submitted(pipeline, record, stages))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pathlib import Path
+
+    from launcher.submit import format_status, jobs_file, read_jobs, stage_status
+    if args.pipeline:
+        from launcher.pipeline import load_pipeline
+        path = jobs_file(load_pipeline(args.pipeline, check_partition=False))
+    else:
+        path = Path(args.jobs)
+    record = read_jobs(path)
+    print(format_status(record, stage_status(record)))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from launcher.launch import LaunchRequest, build_plan, partition_gpus, run
+    hosts = [h for h in args.hosts.split(",") if h] if args.hosts else None
+    request = LaunchRequest(
+        stage=args.stage, config=args.config, overrides=args.overrides, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, processes_per_node=args.processes_per_node, launcher=args.launcher,
+        hosts=hosts, hostfile=args.hostfile, partition=args.partition,
+        partition_gpus=partition_gpus(args.partition) if args.partition else None,
+        zero_stage=args.zero_stage, master_port=args.master_port, dry_run=args.dry_run)
+    plan = build_plan(request)
+    if args.dry_run:
+        print(plan.command_line())
+        print(plan.summary(), end="")
+        return 0
+    return run(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-ofa",
@@ -114,13 +167,67 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", help="metrics of the dense baseline (JSON)")
     report.add_argument("--out", required=True, help="where report.md, report.json and the compact export go")
     report.set_defaults(func=cmd_report)
+    submit = sub.add_parser("submit", help="submit a pipeline (configs/pipelines/*.yaml) as dependent SLURM jobs",
+                            description="Render one sbatch script per stage into OUTPUT_ROOT/slurm, submit them "
+                                        "in order with afterok dependencies (a failed stage cancels its "
+                                        "dependents) and record OUTPUT_ROOT/slurm/jobs.json.")
+    submit.add_argument("--pipeline", required=True, help="pipeline spec (see configs/pipelines/)")
+    submit.add_argument("--dry-run", action="store_true", help="write the scripts, print the sbatch commands, "
+                                                               "submit nothing")
+    submit.add_argument("--only", nargs="+", metavar="STAGE", help="submit only these stages (the others are "
+                                                                   "running or done)")
+    submit.set_defaults(func=cmd_submit)
+    status = sub.add_parser("status", help="the SLURM state of each stage of a submitted pipeline")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pipeline", help="pipeline spec (its OUTPUT_ROOT/slurm/jobs.json is read)")
+    where.add_argument("--jobs", help="a jobs.json written by prune-ofa submit")
+    status.set_defaults(func=cmd_status)
+    from launcher.launch import LAUNCHERS, STAGES
+    launch = sub.add_parser(
+        "launch", help="start a stage on this machine, on several hosts or inside SLURM, with the right launcher",
+        description="Build the command that runs a stage here (torchrun, deepspeed, accelerate launch, srun or "
+                    "one process, chosen from the resources and SLURM's environment), check it, and run it.")
+    stages = launch.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage in STAGES:
+        one = stages.add_parser(stage, help={
+            "pretrain": "teacher preparation / student pruning on DeepSpeed (torchrun, deepspeed or srun)",
+            "finetune": "transfer on Accelerate (accelerate launch, torchrun or srun)",
+            "qat": "finetune with qat.enabled=true", "prepare-data": "tokenize once, one process",
+            "report": "compression report, one process; its arguments after --: -- MODEL --out DIR"}[stage])
+        one.add_argument("--config", required=stage != "report", help="YAML recipe")
+        one.add_argument("--nodes", type=int, help="nodes (default: SLURM's, the hosts given, or 1)")
+        per_node = one.add_mutually_exclusive_group()
+        per_node.add_argument("--gpus-per-node", type=int, help="one process per GPU (default: every GPU found)")
+        per_node.add_argument("--processes-per-node", type=int, help="CPU processes per node")
+        one.add_argument("--launcher", choices=LAUNCHERS, default="auto", help="default: auto (see README)")
+        hosts = one.add_mutually_exclusive_group()
+        hosts.add_argument("--hosts", help="several hosts outside SLURM, comma-separated (deepspeed over ssh)")
+        hosts.add_argument("--hostfile", help="an MPI-style hostfile ('HOST slots=N' lines) instead of --hosts")
+        one.add_argument("--partition", help="SLURM partition (checked against its GPUs per node; srun uses it)")
+        one.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
+                         help="finetune/qat: Accelerate's DeepSpeed plugin at this ZeRO stage (default: DDP)")
+        one.add_argument("--master-port", type=int,
+                         help="rendezvous port (default: derived from the SLURM job, or a free one)")
+        one.add_argument("--dry-run", action="store_true",
+                         help="print the command and the effective config, run nothing")
+        one.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="recipe overrides (report: its own arguments, after --)")
+        one.set_defaults(func=cmd_launch)
     demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
-                          description="Print/plot the paper's schedule and prune the packaged MiniLM-L6 "
-                                      "with every method through the real pruner.")
-    demo.add_argument("--out", default="runs/demo", help="where report.md, report.json and plots go")
-    demo.add_argument("--steps", type=int, default=60,
-                      help="steps of teacher preparation and of student pruning (0: skip that part)")
-    demo.add_argument("--processes", type=int, default=2, help="DeepSpeed processes per stage")
+                          description="The whole Prune Once for All chain on the packaged MiniLM-L6 and the "
+                                      "offline RT sentiment task, every stage through `prune-ofa launch`; a stage "
+                                      "whose output exists in --out is reused.")
+    from launcher.demo_pipeline import DemoSizes
+    d = DemoSizes()
+    demo.add_argument("--out", default="runs/demo", help="where the runs, report.md, report.json and plots go")
+    demo.add_argument("--processes", type=int, default=d.processes, help="processes per stage")
+    demo.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="teacher preparation steps")
+    demo.add_argument("--student-steps", type=int, default=d.student_steps, help="student pruning steps")
+    demo.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="task teacher / transfer steps")
+    demo.add_argument("--qat-steps", type=int, default=d.qat_steps, help="QAT steps")
+    demo.add_argument("--sparsities", type=int, nargs="+", default=[round(100 * s) for s in d.sparsities],
+                      metavar="PERCENT", help="student targets in percent")
+    demo.add_argument("--no-one-shot", action="store_true", help="skip the one-shot pruning table")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -9,9 +9,13 @@ import torch
 
 def init_distributed() -> None:
     """``deepspeed.init_distributed`` with the backend this machine supports (NCCL with CUDA, gloo
-    otherwise). On CPU, DeepSpeed JIT-compiles a shared-memory op (~60 s) that only its inference
-    all-reduce uses; training never calls it, so it is skipped."""
+    otherwise), under a launcher, as an srun task, or alone. On CPU, DeepSpeed JIT-compiles a
+    shared-memory op (~60 s) that only its inference all-reduce uses; training never calls it, so it
+    is skipped."""
     import deepspeed
+
+    from launcher.rendezvous import export_torch_env
+    export_torch_env()             # a task of `srun python -m sparse_pretrain`: RANK etc. from SLURM's variables
     if "RANK" not in os.environ:   # one process, started without a launcher
         import socket
         with socket.socket() as sock:

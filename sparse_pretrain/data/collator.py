@@ -16,7 +16,8 @@ Here each row is masked by its own ``torch.Generator``:
   :meth:`MaskingCollator.state_dict` (exact when collating in the training process).
 
 Every row draws the same amount of randomness for its length, independent of padding or of the
-other rows in the batch. Special tokens ([CLS], [SEP], [PAD], ...) are never selected, and
+other rows in the batch. Every row has at least one masked position (its smallest draw, when the 15%
+draw selected none). Special tokens ([CLS], [SEP], [PAD], ...) are never selected, and
 random replacements never are special tokens.
 """
 from __future__ import annotations
@@ -75,6 +76,10 @@ class MaskingCollator:
             torch.randint(len(self.replacement_ids), (n,), generator=generator)]
         special = self.is_special[ids.clamp(0, len(self.is_special) - 1)]
         selected = (select_draw < self.mlm_probability) & ~special
+        if not selected.any() and not special.all():
+            # a row with nothing masked would make the masked-LM loss 0/0 (NaN) in a micro-batch of
+            # such rows (short rows, micro-batch 1): mask the position with the smallest draw instead
+            selected[torch.where(special, 2.0, select_draw).argmin()] = True
         labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
         to_mask = selected & (action_draw < self.mask_replace_prob)
         to_random = selected & ~to_mask & (action_draw < self.mask_replace_prob + self.random_replace_prob)

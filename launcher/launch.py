@@ -1,0 +1,492 @@
+"""``prune-ofa launch``: the one command that starts a stage wherever it runs.
+
+``build_plan`` is a pure function from a request (stage, recipe, resources, launcher) and the
+environment (SLURM's variables, the local CUDA devices) to a ``LaunchPlan``: the argv, the variables
+to add, the files to write (a DeepSpeed hostfile), a description, the effective recipe and the
+rendezvous. Nothing runs before the plan is complete and checked; ``run`` then replaces this process
+with the plan's command, so the job's exit code and SLURM's signals (preemption) reach it directly.
+
+Which launcher, where (``--launcher auto``):
+
+========================================  =====================================  ==========================
+where                                      pretrain (DeepSpeed recipe)             finetune / qat (Accelerate)
+========================================  =====================================  ==========================
+this machine, one process                  ``python -m sparse_pretrain``           ``python -m finetune``
+this machine, GPUs                         ``deepspeed --num_gpus G``              ``accelerate launch``
+this machine, CPU processes                torchrun (``--launcher deepspeed`` ok)  ``accelerate launch``
+several hosts, outside SLURM               ``deepspeed --hostfile`` (ssh/pdsh)     not supported
+SLURM step, one task per node              torchrun, node rank = SLURM_NODEID      ``accelerate launch`` (multi-machine)
+SLURM step, one task per process           ``python -m sparse_pretrain``           ``python -m finetune``
+SLURM batch script / salloc shell          ``srun ... python -m ...`` (one task per process)
+========================================  =====================================  ==========================
+
+On one machine without GPUs torchrun rather than the deepspeed launcher: both start the same
+processes, but deepspeed's launcher takes twice as long to start (11-14 s against 6-7 s measured on
+2 cores) and is built around GPU slots. Inside SLURM with one task per node torchrun on GPUs too: it
+needs no hostfile and no ssh, only the address and port every node derives from SLURM's
+variables (``launcher.rendezvous``); ``--launcher deepspeed`` gives ``deepspeed --no_ssh --node_rank``
+with a hostfile each node writes for itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from .rendezvous import Rendezvous, from_slurm, local
+
+#: stage -> the module its processes run (None: one plain ``prune-ofa`` process)
+STAGES = {"pretrain": "sparse_pretrain", "finetune": "finetune", "qat": "finetune",
+          "prepare-data": None, "report": None}
+LAUNCHERS = ("auto", "deepspeed", "torchrun", "accelerate", "srun")
+DEEPSPEED_DEFAULT_PORT = 29500   # several hosts outside SLURM: a port free on the first host is not knowable here
+
+
+@dataclass
+class LaunchRequest:
+    """What the user asked for (the ``prune-ofa launch`` arguments)."""
+    stage: str
+    config: Optional[str] = None
+    overrides: Sequence[str] = ()
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    processes_per_node: Optional[int] = None    # CPU processes per node
+    launcher: str = "auto"
+    hosts: Optional[Sequence[str]] = None
+    hostfile: Optional[str] = None
+    partition: Optional[str] = None
+    partition_gpus: Optional[int] = None        # GPUs per node of the partition, where known
+    zero_stage: Optional[int] = None            # finetune/qat: Accelerate's DeepSpeed plugin at this ZeRO stage
+    master_port: Optional[int] = None
+    dry_run: bool = False
+
+
+@dataclass
+class LaunchPlan:
+    stage: str
+    argv: list[str]                  # empty: nothing to run here (a one-process stage on another node)
+    env: dict[str, str]              # added to the environment
+    description: str
+    config: dict                     # the effective recipe (after overrides)
+    launcher: str                    # process | torchrun | deepspeed | accelerate | srun
+    nodes: int
+    processes_per_node: int
+    gpu: bool
+    rendezvous: Optional[Rendezvous] = None
+    files: dict[str, str] = field(default_factory=dict)   # path -> text, written before running
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+    def command_line(self) -> str:
+        """The command as one shell line (variables first)."""
+        if not self.argv:
+            return f"# {self.description}"
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())] + [shlex.join(self.argv)])
+
+    def summary(self) -> str:
+        """The plan and the effective recipe as YAML."""
+        import yaml
+        launch = {"stage": self.stage, "launcher": self.launcher, "description": self.description,
+                  "nodes": self.nodes, "processes_per_node": self.processes_per_node,
+                  "world_size": self.world_size, "gpu": self.gpu, "env": dict(sorted(self.env.items())),
+                  "rendezvous": self.rendezvous.as_dict() if self.rendezvous else None,
+                  "files": sorted(self.files)}
+        return yaml.safe_dump({"launch": launch, "config": self.config}, sort_keys=False)
+
+
+# -- resources --------------------------------------------------------------------------------------
+
+def parse_gres_gpus(text: str) -> int:
+    """GPUs per node from ``sinfo -o %G`` lines (``gpu:8``, ``gpu:a100:4(S:0-1)``, ``(null)``): the
+    largest node of the partition."""
+    best = 0
+    for line in text.split():
+        count = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[A-Za-z0-9_.-]+)*?:(\d+)", line))
+        best = max(best, count)
+    return best
+
+
+def partition_gpus(partition: str) -> Optional[int]:
+    """GPUs per node of a SLURM partition (``sinfo -h -p PART -o %G``), None where sinfo cannot say."""
+    try:
+        done = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%G"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    return parse_gres_gpus(done.stdout)
+
+
+def _slurm_gpus_on_node(environ: Mapping[str, str]) -> Optional[int]:
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        match = re.search(r"(\d+)$", environ.get(name, ""))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> Optional[int]:
+    value = environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _cuda_devices() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """(host, slots) from an MPI-style hostfile, as DeepSpeed reads it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--hostfile: no such file {path!r}")
+    hosts = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^(\S+)\s+slots=(\d+)", line)
+        if not match:
+            raise ValueError(f"--hostfile {path}: bad line {line!r} (expected 'HOST slots=N')")
+        hosts.append((match.group(1), int(match.group(2))))
+    if not hosts:
+        raise ValueError(f"--hostfile {path}: no hosts")
+    return hosts
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def hostfile_path(text: str) -> str:
+    """Where a generated hostfile goes: named by its content, so every node writing the same hosts
+    writes the same file and a plan stays a pure function."""
+    return os.path.join(tempfile.gettempdir(), f"prune-ofa-{hashlib.sha1(text.encode()).hexdigest()[:12]}.hostfile")
+
+
+# -- the recipe -------------------------------------------------------------------------------------
+
+def _effective_config(stage: str, config: Optional[str], overrides: list[str]):
+    """(the recipe object or None, its effective settings as a dict); bad recipes fail here."""
+    if stage in ("pretrain", "prepare-data"):
+        from sparse_pretrain.config import load_recipe
+        recipe = load_recipe(config, overrides)
+        return recipe, recipe.to_dict()
+    if stage in ("finetune", "qat"):
+        from finetune.config import load_finetune_recipe
+        recipe = load_finetune_recipe(config, overrides)
+        return recipe, dataclasses.asdict(recipe)
+    return None, {"report_args": list(overrides)}
+
+
+def check_pretrain_batch(recipe, world_size: int) -> None:
+    """The global batch must split into micro batches over the world size: the trainer's own check
+    (``deepspeed_config`` raises ConfigError), run before any process starts."""
+    from sparse_pretrain.trainer import deepspeed_config
+    deepspeed_config(recipe, world_size, use_bf16=False)
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+def _tool(executable: str, name: str) -> str:
+    """A console script of this environment (deepspeed, accelerate, prune-ofa), else the bare name."""
+    path = Path(executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def _node_command(launcher: str, rdzv: Rendezvous, payload: list[str], zero_stage: Optional[int],
+                  executable: str) -> tuple[list[str], dict[str, str]]:
+    """The command that starts this node's ``rdzv.nproc_per_node`` processes (node ``rdzv.node_rank``
+    of ``rdzv.nnodes``), and the files it needs."""
+    procs, world, multi = rdzv.nproc_per_node, rdzv.world_size, rdzv.nnodes > 1
+    if launcher == "process":
+        return [executable, *payload], {}
+    if launcher == "torchrun":
+        return [executable, "-m", "torch.distributed.run", f"--nnodes={rdzv.nnodes}", f"--node-rank={rdzv.node_rank}",
+                f"--nproc-per-node={procs}", f"--master-addr={rdzv.master_addr}",
+                f"--master-port={rdzv.master_port}", *payload], {}
+    if launcher == "deepspeed":
+        tool = _tool(executable, "deepspeed")
+        if not multi:
+            return [tool, f"--num_gpus={procs}", f"--master_addr={rdzv.master_addr}",
+                    f"--master_port={rdzv.master_port}", "--module", *payload[1:]], {}
+        # every node starts its own processes: no ssh, and a hostfile each node writes for itself
+        text = hostfile_text(rdzv.hosts, procs)
+        hostfile = hostfile_path(text)
+        return [tool, "--hostfile", hostfile, "--no_ssh", f"--node_rank={rdzv.node_rank}",
+                f"--master_addr={rdzv.master_addr}", f"--master_port={rdzv.master_port}",
+                "--module", *payload[1:]], {hostfile: text}
+    argv = [_tool(executable, "accelerate"), "launch"]      # accelerate
+    if zero_stage is not None:
+        argv += ["--use_deepspeed", f"--zero_stage={zero_stage}"]
+        argv += ["--deepspeed_multinode_launcher=standard"] if multi else []     # torchrun on each node, no pdsh
+    elif world > 1:
+        argv += ["--multi_gpu"]
+    argv += [f"--num_processes={world}", f"--num_machines={rdzv.nnodes}"]
+    if multi:
+        argv += [f"--machine_rank={rdzv.node_rank}", f"--main_process_ip={rdzv.master_addr}", "--same_network"]
+    # no mixed precision: the same numerics as `prune-ofa finetune` in one process
+    return argv + [f"--main_process_port={rdzv.master_port}", "--mixed_precision=no", "--dynamo_backend=no",
+                   *payload], {}
+
+
+def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
+               cuda_devices: Optional[int] = None, executable: str = sys.executable) -> LaunchPlan:
+    """The command that runs ``request`` here, checked; raises ValueError (ConfigError) before anything
+    runs. ``cuda_devices``: CUDA devices of this machine (None: ask torch when it matters)."""
+    r = request
+    stage, module = r.stage, STAGES.get(r.stage, "?")
+    if module == "?":
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if r.launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher: unknown {r.launcher!r} (known: {', '.join(LAUNCHERS)})")
+    if r.nodes is not None and r.nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, got {r.nodes}")
+    if r.gpus_per_node is not None and r.gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node must be >= 0, got {r.gpus_per_node}")
+    if r.processes_per_node is not None and r.processes_per_node < 1:
+        raise ValueError(f"--processes-per-node must be at least 1, got {r.processes_per_node}")
+    if r.gpus_per_node and r.processes_per_node and r.gpus_per_node != r.processes_per_node:
+        raise ValueError(f"--gpus-per-node {r.gpus_per_node} and --processes-per-node {r.processes_per_node} "
+                         f"disagree: one process per GPU")
+    if r.hosts and r.hostfile:
+        raise ValueError("give --hosts or --hostfile, not both")
+    if stage != "report" and not r.config:
+        raise ValueError(f"launch {stage}: --config is required")
+    if r.zero_stage is not None and stage not in ("finetune", "qat"):
+        raise ValueError("--zero-stage is for finetune/qat (Accelerate's DeepSpeed plugin); pretrain reads "
+                         "training.zero_stage from its recipe")
+    if module is None and r.launcher != "auto":
+        raise ValueError(f"launch {stage}: one plain process; --launcher does not apply")
+
+    cuda = {"n": cuda_devices}
+
+    def cuda_here() -> int:
+        if cuda["n"] is None:
+            cuda["n"] = _cuda_devices()
+        return cuda["n"]
+
+    overrides = list(r.overrides) + (["qat.enabled=true"] if stage == "qat" else [])
+    config_path = os.path.abspath(r.config) if r.config else None
+    recipe, config = _effective_config(stage, config_path, overrides)
+
+    # where: this machine, hosts over ssh, or a SLURM step / allocation
+    slurm = from_slurm(environ)
+    if slurm is not None and r.master_port:
+        slurm = dataclasses.replace(slurm, master_port=r.master_port)
+    if slurm is not None and (r.hosts or r.hostfile):
+        raise ValueError("inside a SLURM job SLURM chooses the nodes: drop --hosts/--hostfile")
+    host_slots: list[tuple[str, int]] = []
+    if slurm is None:
+        if r.launcher == "srun":
+            where = "srun-new"
+        elif r.hosts or r.hostfile:
+            where = "hosts"
+            host_slots = read_hostfile(r.hostfile) if r.hostfile else [(h, 0) for h in r.hosts]
+        else:
+            where = "local"
+    elif slurm.mode == "allocation":
+        on_a_node = bool(environ.get("SLURMD_NODENAME"))   # the batch script; an salloc shell runs on the login node
+        if r.launcher == "srun" or (module is not None and (slurm.nnodes > 1 or not on_a_node)):
+            if r.launcher not in ("auto", "srun"):
+                raise ValueError(f"--launcher {r.launcher} starts one node's processes, but this is a batch "
+                                 f"script or salloc shell of {slurm.nnodes} node(s): run "
+                                 f"`srun --ntasks-per-node=1 prune-ofa launch ...`, or use --launcher srun")
+            where = "srun-alloc"
+        else:
+            where = "local"
+    else:
+        where = slurm.mode        # per-node | per-process
+
+    # how many nodes
+    if where in ("per-node", "per-process"):
+        nodes = slurm.nnodes
+        if r.nodes is not None and r.nodes != nodes:
+            raise ValueError(f"--nodes {r.nodes}, but this SLURM step runs on {nodes} node(s)")
+    elif where == "srun-alloc":
+        nodes = r.nodes or slurm.nnodes
+        if nodes > slurm.nnodes:
+            raise ValueError(f"--nodes {nodes}, but SLURM job {slurm.job_id} holds {slurm.nnodes} node(s)")
+    elif where == "hosts":
+        nodes = r.nodes or len(host_slots)
+        if nodes > len(host_slots):
+            raise ValueError(f"--nodes {nodes}, but only {len(host_slots)} host(s) given")
+        host_slots = host_slots[:nodes]
+    else:
+        nodes = r.nodes or 1
+        if nodes > 1 and where == "local":
+            raise ValueError(f"--nodes {nodes} outside SLURM: give the hosts (--hosts h1,h2 or --hostfile F; "
+                             f"DeepSpeed starts them over ssh), or --launcher srun to let SLURM allocate them")
+
+    # how many processes per node, on GPUs or CPU
+    if where == "per-process":
+        procs = slurm.nproc_per_node
+        asked = r.gpus_per_node or r.processes_per_node
+        if asked and asked != procs:
+            raise ValueError(f"srun started {procs} task(s) on this node (one per process), but {asked} "
+                             f"process(es) per node were asked")
+        gpu = bool(r.gpus_per_node) or (r.gpus_per_node is None and r.processes_per_node is None and cuda_here() > 0)
+    elif r.gpus_per_node:
+        procs, gpu = r.gpus_per_node, True
+    elif r.processes_per_node is not None or r.gpus_per_node == 0:
+        procs, gpu = r.processes_per_node or 1, False
+    elif where == "hosts" and r.hostfile:
+        procs = min(s for _, s in host_slots)
+        gpu = True
+    else:   # the default: every GPU of a node, else one CPU process
+        slurm_gpus = _slurm_gpus_on_node(environ) if slurm is not None else None
+        if slurm_gpus:
+            procs, gpu = slurm_gpus, True
+        elif where in ("local", "per-node") and module is not None and cuda_here() > 0:
+            procs, gpu = cuda_here(), True
+        else:
+            procs, gpu = 1, False
+    if module is None:
+        procs, gpu = 1, False
+    if gpu and r.partition_gpus is not None and procs > r.partition_gpus:
+        raise ValueError(f"{procs} GPUs per node asked, but partition {r.partition or '?'} has "
+                         + (f"{r.partition_gpus} per node" if r.partition_gpus else "no GPUs"))
+    starts_here = where in ("local", "per-node", "per-process")
+    if gpu and starts_here and not r.dry_run:
+        if cuda_here() == 0:
+            raise ValueError(f"{procs} GPU(s) per node asked, but this machine has no CUDA device (CPU "
+                             f"processes: --processes-per-node N; see the plan: --dry-run)")
+        if cuda_here() < procs:
+            raise ValueError(f"{procs} GPUs per node asked, but this machine has {cuda_here()}")
+    world = nodes * procs
+    if stage == "pretrain":
+        check_pretrain_batch(recipe, world)
+
+    # the command
+    python = executable
+    payload = (["-m", module, "--config", config_path] + overrides) if module else []
+    env: dict[str, str] = {}
+    files: dict[str, str] = {}
+    rdzv: Optional[Rendezvous] = None
+    finetune = stage in ("finetune", "qat")
+    if finetune and r.zero_stage is not None:
+        accelerate_env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(r.zero_stage)}
+    elif finetune and not gpu:
+        accelerate_env = {"ACCELERATE_USE_CPU": "true"}    # else Accelerate on CPU sees one process each
+    else:
+        accelerate_env = {}
+    device = f"{procs} GPU(s)" if gpu else f"{procs} CPU process(es)"
+
+    if module is None:
+        first = slurm is None or slurm.mode == "allocation" or (slurm.node_rank == 0 and (slurm.rank or 0) == 0)
+        tool = _tool(executable, "prune-ofa")
+        argv = ([tool, stage, "--config", config_path, *overrides] if stage == "prepare-data"
+                else [tool, stage, *overrides])
+        launcher = "process"
+        if first:
+            description = f"{stage}: one process on this machine"
+        else:
+            argv = []
+            description = (f"{stage} runs once, on node rank 0 / rank 0; nothing to do on node rank "
+                           f"{slurm.node_rank}" + (f", rank {slurm.rank}" if slurm.rank is not None else ""))
+        rdzv = slurm
+    elif where == "per-process":
+        if r.launcher not in ("auto", "srun"):
+            raise ValueError(f"--launcher {r.launcher}: srun already started one task per process here "
+                             f"(SLURM_STEP_NUM_TASKS={slurm.world_size}); for {r.launcher} start one task per "
+                             f"node (srun --ntasks-per-node=1)")
+        launcher, argv, rdzv = "process", [python, *payload], slurm
+        env = {**slurm.torch_env(), **accelerate_env}
+        description = (f"{stage}: rank {slurm.rank} of {slurm.world_size} (srun started every process), "
+                       f"rendezvous {slurm.master_addr}:{slurm.master_port}")
+    elif where in ("srun-new", "srun-alloc"):
+        launcher = "srun"
+        argv = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={procs}", f"--ntasks={world}", "--kill-on-bad-exit=1"]
+        cpus = _int_env(environ, "SLURM_CPUS_ON_NODE") if where == "srun-alloc" else None
+        if cpus:   # srun (22.05+) does not inherit the job's --cpus-per-task: share the node's CPUs out
+            argv.append(f"--cpus-per-task={max(1, cpus // procs)}")
+        if where == "srun-new" and r.partition:
+            argv.append(f"--partition={r.partition}")
+        if gpu:
+            argv.append(f"--gres=gpu:{procs}")
+        argv += [python, *payload]
+        env = dict(accelerate_env)
+        description = (f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each "
+                       f"becomes a rank from SLURM's variables (launcher.rendezvous.export_torch_env)")
+    elif where == "hosts":
+        if finetune:
+            raise ValueError("finetune/qat on several hosts outside SLURM is not supported: accelerate starts "
+                             "one host's processes; run it under SLURM (srun one task per node)")
+        if r.launcher not in ("auto", "deepspeed"):
+            raise ValueError(f"--launcher {r.launcher} starts processes on this host only; several hosts outside "
+                             f"SLURM go through deepspeed (ssh/pdsh)")
+        hosts = [h for h, _ in host_slots]
+        if r.hostfile:
+            hostfile = os.path.abspath(r.hostfile)
+        else:
+            text = hostfile_text(hosts, procs)
+            hostfile = hostfile_path(text)
+            files[hostfile] = text
+        port = r.master_port or DEEPSPEED_DEFAULT_PORT
+        launcher = "deepspeed"
+        argv = [_tool(executable, "deepspeed"), "--hostfile", hostfile, "--num_nodes", str(nodes),
+                "--num_gpus", str(procs), "--master_addr", hosts[0], "--master_port", str(port),
+                "--module", *payload[1:]]
+        rdzv = Rendezvous(hosts[0], port, nodes, 0, procs, world, mode="hosts", hosts=tuple(hosts))
+        description = f"{stage}: {device} on each of {nodes} host(s) ({', '.join(hosts)}), started by deepspeed over ssh"
+    else:   # local, or one task per node of a SLURM step
+        if where == "per-node":
+            rdzv = slurm.with_processes(procs)
+        else:
+            rdzv = local(procs, port=r.master_port)
+        launcher = r.launcher
+        if launcher == "auto":
+            if world == 1 and where == "local":
+                launcher = "process"
+            elif finetune:
+                launcher = "accelerate"
+            else:
+                # torchrun on CPU and in SLURM (see the module docstring); deepspeed's own launcher
+                # for GPUs of one machine, what DeepSpeed users expect
+                launcher = "deepspeed" if gpu and where == "local" else "torchrun"
+        if launcher == "srun":
+            raise ValueError("--launcher srun: this is already one task of an srun step")
+        if launcher == "accelerate" and not finetune:
+            raise ValueError("--launcher accelerate is for finetune/qat; pretrain runs on DeepSpeed "
+                             "(torchrun or deepspeed)")
+        if launcher == "deepspeed" and finetune:
+            raise ValueError("--launcher deepspeed is for pretrain; finetune/qat use accelerate (--zero-stage N "
+                             "for Accelerate's DeepSpeed plugin)")
+        if launcher == "torchrun" and finetune and r.zero_stage is not None:
+            raise ValueError("--zero-stage needs accelerate launch (the default for finetune/qat)")
+        argv, files = _node_command(launcher, rdzv, payload, r.zero_stage, executable)
+        env = dict(accelerate_env)
+        where_text = (f"node {rdzv.node_rank} of {rdzv.nnodes} (SLURM job {rdzv.job_id})" if where == "per-node"
+                      else "this machine")
+        description = (f"{stage}: {device} on {where_text}, world size {world}, via {launcher}, "
+                       f"rendezvous {rdzv.master_addr}:{rdzv.master_port}")
+    return LaunchPlan(stage=stage, argv=argv, env=env, description=description, config=config, launcher=launcher,
+                      nodes=nodes, processes_per_node=procs, gpu=gpu, rendezvous=rdzv, files=files)
+
+
+def run(plan: LaunchPlan, replace_process: bool = True) -> int:
+    """Write the plan's files and run its command: in place of this process (the default: exit code
+    and signals reach the job directly), or as a child whose exit code is returned."""
+    for path, text in plan.files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    if not plan.argv:
+        print(f"prune-ofa launch: {plan.description}", file=sys.stderr)
+        return 0
+    print(f"prune-ofa launch: {plan.description}\n  {plan.command_line()}", file=sys.stderr, flush=True)
+    env = {**os.environ, **plan.env}
+    if replace_process:
+        sys.stdout.flush()
+        os.execvpe(plan.argv[0], plan.argv, env)
+    code = subprocess.run(plan.argv, env=env).returncode
+    return code if code >= 0 else 128 - code
