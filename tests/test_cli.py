@@ -1,5 +1,4 @@
 """The installed `prune-ofa` command, run as a user runs it."""
-import json
 import subprocess
 import sys
 from pathlib import Path
