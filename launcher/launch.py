@@ -446,7 +446,7 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
             rdzv = local(procs, port=r.master_port)
         launcher = r.launcher
         if launcher == "auto":
-            if world == 1 and where == "local":
+            if world == 1 and where in ("local", "per-node"):   # one process: no launcher to start
                 launcher = "process"
             elif finetune:
                 launcher = "accelerate"
