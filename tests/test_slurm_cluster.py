@@ -65,23 +65,15 @@ def test_stop_leaves_no_daemon_and_no_job_behind(tmp_path):
 
 # -- student pruning on two emulated nodes ----------------------------------------------------------
 
-def node_launch(recipe: Path, *overrides: str) -> str:
-    """The command each node's one task runs: torchrun for this node's ranks, rendezvous at the first
-    node's address (emulated node names do not resolve: its NodeAddr) and a port from the job id.
-    (`prune-ofa launch` will replace this line.)"""
-    return (f"{shlex.quote(sys.executable)} -m torch.distributed.run --nnodes \"$SLURM_NNODES\" "
-            f"--node-rank \"$SLURM_NODEID\" --nproc-per-node 1 --master-addr \"$MASTER_ADDR\" "
-            f"--master-port \"$MASTER_PORT\" -m sparse_pretrain --config {shlex.quote(str(recipe))} "
-            + " ".join(shlex.quote(o) for o in overrides))
-
-
 def two_node_script(recipe: Path, *overrides: str) -> str:
+    """What users run: one task per node, each `prune-ofa launch pretrain`, which finds the rendezvous
+    (first node's address: emulated node names do not resolve, so its NodeAddr; a port from the job
+    id) and its node rank in SLURM's variables and starts this node's rank."""
+    launch = " ".join(shlex.quote(a) for a in [str(Path(sys.executable).parent / "prune-ofa"), "launch", "pretrain",
+                                                "--config", str(recipe), *overrides])
     return f"""#!/bin/bash
 set -euo pipefail
-first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-export MASTER_ADDR=$(scontrol show node "$first" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-srun bash -c {shlex.quote('echo "node $SLURM_NODEID on $SLURMD_NODENAME"; exec ' + node_launch(recipe, *overrides))}
+srun --ntasks-per-node=1 bash -c {shlex.quote('echo "node $SLURM_NODEID on $SLURMD_NODENAME"; exec ' + launch)}
 """
 
 
