@@ -8,8 +8,9 @@ Variants, interleaved (A B C A B C ...) on the same DeepSpeed engine so that mac
 Ratios: masked/dense = mask maintenance overhead; (masked+kd)/masked = distillation overhead.
 
 CPU (default):  python bench/pretrain_step.py --model minilm --seq 128 --micro 8
-GPU (bf16):     python bench/pretrain_step.py --model bert-base --seq 512 --micro 32 --zero 2
-Run it under torchrun for several ranks.
+GPU (bf16):     python bench/pretrain_step.py --device cuda --bf16 --model bert-base --seq 512 --micro 32 --zero 2
+Run it under torchrun for several ranks. ``--device`` defaults to cuda where one is visible, and
+``--bf16`` to on with cuda (DeepSpeed's bf16 mixed precision, the teacher in bf16); on CPU fp32.
 """
 from __future__ import annotations
 
@@ -43,7 +44,13 @@ def main():
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="DeepSpeed bf16 (default: with cuda)")
     args = parser.parse_args()
+    if (args.device == "cuda") != torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is {torch.cuda.is_available()} "
+                     "(DeepSpeed picks its accelerator by itself; hide GPUs with CUDA_VISIBLE_DEVICES= for cpu)")
 
     import deepspeed
     import torch.distributed as dist
@@ -58,14 +65,15 @@ def main():
 
     init_distributed()
     world = dist.get_world_size()
-    cuda = torch.cuda.is_available()
+    cuda = args.device == "cuda"
+    bf16 = cuda if args.bf16 is None else args.bf16
     student, teacher, config = build(args.model)
     ds_config = {"train_micro_batch_size_per_gpu": args.micro, "train_batch_size": args.micro * world,
-                 "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "bf16": {"enabled": cuda},
+                 "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
                  "zero_optimization": {"stage": args.zero}, "steps_per_print": 10 ** 9}
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    teacher.to(engine.device, dtype=torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    teacher.to(engine.device, dtype=torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
     shards = ZeroShards(engine, find_prunable(engine.module))
     rank, world_sh = shards.shard_world()
     pruner = GradualPruner(shards.params, build_method("unstructured"),
@@ -119,7 +127,7 @@ def main():
         peak = peak_tflops(None)
         device = torch.cuda.get_device_name() if cuda else "CPU"
         print(f"# {args.model}, seq {args.seq}, micro {args.micro} x {world} ranks, ZeRO-{args.zero}, "
-              f"{'bf16' if cuda else 'fp32'}, {device}, median of {args.rounds} rounds x {args.steps} steps")
+              f"{'bf16' if bf16 else 'fp32'}, {device}, median of {args.rounds} rounds x {args.steps} steps")
         print("| variant | step (ms) | tokens/s | ratio | MFU |")
         print("|---|---|---|---|---|")
         base = {"dense": "dense", "masked": "dense", "masked+kd": "masked"}
