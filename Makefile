@@ -22,7 +22,7 @@ $(STAMP): setup.py constraints.txt Makefile
 venv: $(STAMP)
 
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 test-fast: venv
 	$(PY) -m pytest tests -m "not slow"

@@ -1,5 +1,5 @@
-"""Fine-tuning recipes (transfer with pattern-lock and KD, and QAT): YAML + ``key=value`` overrides,
-validated before any model is built, each error naming its key."""
+"""Fine-tuning recipes (transfer with pattern-lock and KD, fine-tune pruning, and QAT): YAML +
+``key=value`` overrides, validated before any model is built, each error naming its key."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sparse_pretrain.config import ConfigError, apply_overrides, read_yaml_tree, resolve_packaged_model
+from sparse_pretrain.config import ConfigError, PruningConfig, apply_overrides, read_yaml_tree, resolve_packaged_model
 
 
 @dataclass
@@ -62,22 +62,54 @@ class QATConfig:
 
 
 @dataclass
+class FinetunePruningConfig(PruningConfig):
+    """Fine-tune pruning (the paper's downstream baseline): a dense model pruned by gradual magnitude
+    pruning while it is fine-tuned. The keys and their meaning are the pre-training recipe's
+    ``pruning`` section (steps count fine-tuning optimizer steps); validated by the same code
+    (:meth:`pretrain_recipe`), with the fine-tuning length as ``training.total_steps``."""
+    lr_rewind: bool = False            # the pre-training recipe's rewound LR instead of linear decay
+
+    def pretrain_recipe(self, total_steps: int, warmup_steps: int):
+        """This section as a ``sparse_pretrain`` student recipe: its ``gmp_schedule()``,
+        ``pruning_method()`` and ``lr_factor()`` are what fine-tuning uses. Raises ConfigError."""
+        from sparse_pretrain.config import recipe_from_dict
+        pruning = {k: v for k, v in dataclasses.asdict(self).items() if k != "lr_rewind"}
+        try:
+            return recipe_from_dict({"stage": "student", "pruning": pruning, "training": {
+                "total_steps": total_steps, "warmup_steps": warmup_steps, "lr_rewind": self.lr_rewind}})
+        except ConfigError as err:   # name the fine-tuning keys the derived pre-training keys came from
+            message = str(err).replace("training.total_steps (", "the fine-tuning length in steps (")
+            message = message.replace("training.total_steps:", "training.max_steps (or epochs), the fine-tuning "
+                                      f"length of {total_steps} steps:")
+            raise ConfigError(message) from None
+
+
+@dataclass
 class FinetuneRecipe:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    pruning: Optional[FinetunePruningConfig] = None   # absent: no pruning (dense or pattern-locked)
+
+
+#: sections of a fine-tuning recipe; those in OPTIONAL_SECTIONS are None unless the recipe has them
+SECTIONS = {"task": TaskConfig, "model": ModelConfig, "distillation": DistillationConfig,
+            "training": TrainingConfig, "qat": QATConfig, "pruning": FinetunePruningConfig}
+OPTIONAL_SECTIONS = ("pruning",)
 
 
 def load_finetune_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneRecipe:
     tree = apply_overrides(read_yaml_tree(path), overrides)
-    sections = {f.name: f.default_factory for f in dataclasses.fields(FinetuneRecipe)}
     built = {}
     for name in tree:
-        if name not in sections:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
-    for name, cls in sections.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+    for name, cls in SECTIONS.items():
+        if name in OPTIONAL_SECTIONS and tree.get(name) is None:
+            built[name] = None
+            continue
         values = tree.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{name}: must be a mapping, got {values!r}")
@@ -124,3 +156,23 @@ def _validate(r: FinetuneRecipe) -> None:
     if d.teacher is None and d.lambda_task == 0:
         raise ConfigError("distillation.lambda_task: is 0 and there is no distillation.teacher: nothing to learn "
                           "from (set lambda_task > 0 for a dense task teacher)")
+    if r.pruning is not None:
+        _validate_pruning(r)
+
+
+def _validate_pruning(r: FinetuneRecipe) -> None:
+    """Fine-tune pruning starts from a dense model; its schedule and method are checked by the
+    pre-training recipe's validation. Checks that need the run's length (``pruning.end`` before
+    the last step, room for LR rewinding) run again in the trainer once the length is known."""
+    if r.model.pattern_lock:
+        raise ConfigError("model.pattern_lock: must be false with a pruning section: fine-tune pruning makes "
+                          "its own zeros in a dense model (pattern-lock keeps the zeros of a sparse pre-trained "
+                          "one); set model.pattern_lock=false or remove the pruning section")
+    if r.qat.enabled:
+        raise ConfigError("qat.enabled: QAT with a pruning section is not supported; prune first, then run QAT "
+                          "on the pruned model with pattern-lock")
+    if not isinstance(r.pruning.lr_rewind, bool):
+        raise ConfigError(f"pruning.lr_rewind: must be true or false, got {r.pruning.lr_rewind!r}")
+    t = r.training
+    # with a known length, every check now; otherwise those that do not depend on it
+    r.pruning.pretrain_recipe(t.max_steps or 2**62, int(t.warmup_ratio * t.max_steps) if t.max_steps else 0)

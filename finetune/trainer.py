@@ -3,11 +3,14 @@ a dense task teacher, on Accelerate (plain DDP or its DeepSpeed plugin).
 
 Sentence (pair) classification and SQuAD share the loop; `heads.py` holds what differs. The same
 recipe trains the dense task teacher (``model.pattern_lock: false``, no
-``distillation.teacher``, ``lambda_task: 1``). Read top to bottom: setup, loop, checks, export.
+``distillation.teacher``, ``lambda_task: 1``), and, with a ``pruning`` section, prunes a dense model
+while fine-tuning it (the paper's fine-tune pruning baseline: the pre-training recipe's gradual
+pruner and schedule, on fine-tuning steps). Read top to bottom: setup, loop, checks, export.
 Run: ``accelerate launch -m finetune --config RECIPE.yaml`` or ``prune-ofa finetune --config ...``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,10 +18,12 @@ from pathlib import Path
 import torch
 
 from sparse_pretrain.atomic import write_text
+from sparse_pretrain.config import check_against_model
 from sparse_pretrain.distill import soft_cross_entropy
-from sparse_pretrain.masks import find_prunable
+from sparse_pretrain.masks import find_prunable, whole_parameters
 from sparse_pretrain.pattern_lock import PatternLock
 from sparse_pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
+from sparse_pretrain.pruner import GradualPruner
 
 from .config import FinetuneRecipe
 from .heads import head_for
@@ -26,7 +31,7 @@ from .heads import head_for
 LABEL_COLUMNS = ("labels", "start_positions", "end_positions")
 
 
-def make_accelerator(seed: int):
+def make_accelerator(seed: int, logging_dir: Path | None = None):
     """Under a launcher, the process group with the backend this machine has (gloo on CPU: Accelerate's
     DeepSpeed plugin needs it said); one plain process otherwise. The training order is a function of
     (seed, epoch) alone (Accelerate's seedable sampler), so a resumed run sees the same batches."""
@@ -38,10 +43,17 @@ def make_accelerator(seed: int):
     from launcher.rendezvous import export_torch_env
     export_torch_env()            # srun started every rank: RANK, WORLD_SIZE, ... from SLURM's variables
     data = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+    # the LR schedule counts optimizer steps of this loop (already per process); by default Accelerate
+    # would step it once per process per optimizer step, ending the schedule early under N processes
+    options = {"dataloader_config": data, "step_scheduler_with_optimizer": False}
+    if logging_dir is not None:   # TensorBoard through Accelerate's tracker: <logging_dir>/tensorboard, rank 0
+        from accelerate.utils import ProjectConfiguration
+        options.update(log_with="tensorboard",
+                       project_config=ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)))
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Accelerator(dataloader_config=data)
+        return Accelerator(**options)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return Accelerator(dataloader_config=data, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+    return Accelerator(**options, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
 
 
 def pattern_lock_for(accelerator, model, prepared_model, min_sparsity: float):
@@ -65,6 +77,48 @@ def pattern_lock_for(accelerator, model, prepared_model, min_sparsity: float):
                          f"({min_sparsity:.0%}); pattern-lock needs a sparse pre-trained model (or set "
                          f"model.pattern_lock=false to fine-tune a dense one)")
     return lock, hooked
+
+
+def pruner_for(accelerator, model, prepared_model, prune_recipe):
+    """The gradual pruner over the weights ``prune_recipe`` selects, with masks where this engine
+    keeps its weights, as ``pattern_lock_for`` does: whole tensors (DDP, one process), or this
+    rank's ZeRO partitions, kept zero inside the optimizer step (DeepSpeed plugin). Returns the
+    pruner and the ZeRO adapter (None under DDP)."""
+    named = check_against_model(prune_recipe, model)            # bad include/block shape: ConfigError
+    method, schedule, scope = prune_recipe.pruning_method(), prune_recipe.gmp_schedule(), prune_recipe.pruning.scope
+    if accelerator.state.deepspeed_plugin is None:
+        return GradualPruner(whole_parameters(named), method, schedule, scope), None
+    from sparse_pretrain.zero_shards import ZeroShards
+    engine = prepared_model
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    shards = ZeroShards(engine, [(names[id(p)], p) for _, p in named])
+    rank, world = shards.shard_world()
+    pruner = GradualPruner(shards.params, method, schedule, scope, all_reduce=shards.all_reduce(), rank=rank,
+                           world_size=world)
+    shards.install(pruner)
+    return pruner, shards
+
+
+def prune_after_step(pruner, shards):
+    """After optimizer step t: recompute the masks when the schedule says so, and keep pruned weights
+    zero (under DeepSpeed the step hooks keep the fp32 masters zero; after a mask update the working
+    copies are refreshed). Returns the new target sparsity when the masks were recomputed."""
+    if shards is None:
+        return pruner.step()
+    target = pruner.advance()
+    if target is not None:
+        pruner.apply_masks()
+        shards.sync_working_copies()
+    return target
+
+
+def mask_update_record(step: int, target: float, pruner) -> dict:
+    """What metrics.json records at a mask update: the schedule's target and the masks' sparsity,
+    over all pruned weights and its lowest and highest layer (collective under DeepSpeed)."""
+    report = pruner.sparsity()
+    overall = report.pop("global")
+    return {"step": step, "target": target, "sparsity": overall,
+            "layer_min": min(report.values()), "layer_max": max(report.values())}
 
 
 def evaluate(accelerator, model, head, loaders: dict) -> dict:
@@ -91,7 +145,8 @@ def run(recipe: FinetuneRecipe) -> dict:
     data = head.load(recipe.task.data_files, seed=t.seed)           # bad columns/labels fail here
     if d.teacher:
         head.check_teacher(AutoConfig.from_pretrained(d.teacher))   # before any weights load
-    accelerator = make_accelerator(t.seed)
+    accelerator = make_accelerator(t.seed, Path(t.output_dir))
+    accelerator.init_trackers("tensorboard")     # the run's curves: tensorboard --logdir <output_dir>
     watch = PreemptionWatch(all_reduce=max_all_reduce(), watch_file=accelerator.is_main_process)
     torch.manual_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
@@ -115,7 +170,13 @@ def run(recipe: FinetuneRecipe) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total), total)
+    warmup = int(t.warmup_ratio * total)
+    # fine-tune pruning: the pre-training recipe's schedule, method and (rewound) LR over these steps
+    prune_recipe = recipe.pruning.pretrain_recipe(total, warmup) if recipe.pruning else None
+    if prune_recipe is not None and recipe.pruning.lr_rewind:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, prune_recipe.lr_factor())
+    else:
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     unwrapped = model
     model, optimizer, train_loader, scheduler, *eval_list = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders.values())
@@ -125,6 +186,10 @@ def run(recipe: FinetuneRecipe) -> dict:
     lock, hooked = (pattern_lock_for(accelerator, unwrapped, model, recipe.model.min_sparsity)
                     if recipe.model.pattern_lock else (None, False))
     sparsity_before = lock.sparsity() if lock else None
+    pruner, shards = pruner_for(accelerator, unwrapped, model, prune_recipe) if prune_recipe else (None, None)
+    masked = lock if lock is not None else pruner        # whichever keeps zeros: gradients and weights
+    hooked = hooked or shards is not None               # DeepSpeed: the optimizer's step hooks keep zeros
+    mask_updates = []                                    # (fine-tune pruning) the masks at each update
 
     output_dir = Path(t.output_dir)
     state_dir = output_dir / "state"
@@ -132,9 +197,13 @@ def run(recipe: FinetuneRecipe) -> dict:
     latest = latest_state(state_dir)
     if latest is not None:                            # resume: weights, optimizer, scheduler, RNG, masks
         accelerator.load_state(str(latest))
-        step = resumed_from = json.loads((latest / "step.json").read_text())["step"]
+        saved = json.loads((latest / "step.json").read_text())
+        step = resumed_from = saved["step"]
         if lock is not None:
             lock.load_state_dict(torch.load(latest / f"masks_rank{accelerator.process_index}.pt"))
+        if pruner is not None:                        # masks, the schedule's clock, the updates so far
+            pruner.load_state_dict(torch.load(latest / f"pruner_rank{accelerator.process_index}.pt"))
+            mask_updates = saved["mask_updates"]
         accelerator.print(f"resumed from {latest} at step {step}")
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process,
@@ -154,8 +223,8 @@ def run(recipe: FinetuneRecipe) -> dict:
                     teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_COLUMNS})
                 loss = loss + d.lambda_kd * distillation_loss(out, teacher_out, head, d.temperature)
             accelerator.backward(loss)
-            if lock is not None and not hooked:
-                lock.mask_gradients()
+            if masked is not None and not hooked:
+                masked.mask_gradients()
             if t.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             optimizer.step()
@@ -163,15 +232,23 @@ def run(recipe: FinetuneRecipe) -> dict:
             optimizer.zero_grad()
             if lock is not None and not hooked:
                 lock.apply_masks()
+            target = None
+            if pruner is not None:                    # masks recomputed every f steps, zeros kept
+                target = prune_after_step(pruner, shards)
+                if target is not None:
+                    mask_updates.append(mask_update_record(step, target, pruner))
             step += 1
             bar.update(1)
             if step % 10 == 0 and accelerator.is_main_process:   # a host sync only every 10 steps
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            if pruner is not None and target is not None:
+                accelerator.log({f"pruning/{k}": v for k, v in mask_updates[-1].items() if k != "step"}, step=step)
             # preemption (SLURM's warning signal, or the stop file): save this step, then stop for a requeue
             stop = step < total and watch.should_stop()          # one all-reduce of one int, every rank
             periodic = step % t.save_every == 0 if t.save_every else step % len(train_loader) == 0
             if periodic or step == total or stop:
-                save_state(accelerator, state_dir, step, lock)
+                save_state(accelerator, state_dir, step, lock, pruner, {"mask_updates": mask_updates} if pruner else None)
             if stop:
                 bar.close()
                 accelerator.print(f"preempted ({watch.reason()}) after step {step}: state saved, exiting with "
@@ -183,22 +260,29 @@ def run(recipe: FinetuneRecipe) -> dict:
                 raise SystemExit(REQUEUE_EXIT_CODE)
             if t.eval_every and step % t.eval_every == 0:
                 history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders)})
+                accelerator.log(eval_scalars(history[-1]), step=step)
     bar.close()
     watch.close()
     if accelerator.is_main_process:   # a finished run is not a preempted one, whatever an earlier attempt left
         (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         watch.clear_stop_file()
 
-    # the pattern must be exactly what was loaded: a violation is an error
-    if lock is not None:
-        lock.verify()
+    # no pruned weight may be nonzero (pattern-lock: exactly the loaded pattern): a violation is an error
+    if masked is not None:
+        masked.verify()
     results = evaluate(accelerator, model, head, eval_loaders)
-    sparsity_after = lock.sparsity() if lock else None
+    accelerator.log(eval_scalars(results), step=step)
+    sparsity_after = masked.sparsity() if masked is not None else None
     summary = {"task": recipe.task.name, "steps": step, "resumed_from_step": resumed_from, "metrics": results, "history": history,
-               "sparsity": sparsity_after["global"] if lock else None,
+               "sparsity": sparsity_after["global"] if masked is not None else None,
                "sparsity_unchanged": (sparsity_after == sparsity_before) if lock else None,
                "distilled_from": d.teacher, "lambda_kd": d.lambda_kd if teacher is not None else 0.0,
                "lambda_task": d.lambda_task if teacher is not None else 1.0}
+    if pruner is not None:                            # fine-tune pruning: how the masks got there, per layer
+        layers = {name: s for name, s in sparsity_after.items() if name != "global"}
+        summary["pruning"] = {"method": pruner.method.name, **pruner.method.options(), "scope": pruner.scope,
+                              "schedule": dataclasses.asdict(pruner.schedule), "lr_rewind": recipe.pruning.lr_rewind,
+                              "updates": mask_updates, "layers": layers}
     accelerator.wait_for_everyone()
     model_dir = output_dir / "model"
     state_dict = accelerator.get_state_dict(model)
@@ -211,8 +295,16 @@ def run(recipe: FinetuneRecipe) -> dict:
     if accelerator.is_main_process:
         write_text(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({"metrics": results, "sparsity": summary["sparsity"]}))
+    for tracker in accelerator.trackers:         # flush and close TensorBoard (end_training would also
+        tracker.finish()                         # destroy the process group, which the caller may still use)
     accelerator.wait_for_everyone()
     return summary
+
+
+def eval_scalars(results: dict) -> dict:
+    """``{split: {metric: value}}`` as TensorBoard scalars ``eval/<split>/<metric>`` (numbers only)."""
+    return {f"eval/{split}/{name}": value for split, metrics in results.items() if isinstance(metrics, dict)
+            for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch_size: int) -> dict:
@@ -240,19 +332,23 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch
             "int8_pruned_nonzero": violations if lock is not None else None}
 
 
-def save_state(accelerator, state_dir: Path, step: int, lock) -> None:
-    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks, in a new
-    directory per step; ``latest`` names it only once every rank has written, and older states go
-    then. A run killed while saving resumes from the previous complete state."""
+def save_state(accelerator, state_dir: Path, step: int, lock, pruner=None, record: dict | None = None) -> None:
+    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks (pattern-lock)
+    or pruner state (masks, the schedule's clock), in a new directory per step, with ``record`` in
+    its step.json; ``latest`` names it only once every rank has written, and older states go then.
+    A run killed while saving resumes from the previous complete state."""
     import shutil
+
+    from sparse_pretrain.atomic import torch_save
     target = state_dir / f"step_{step:08d}"
     accelerator.save_state(str(target))
     if lock is not None:
-        from sparse_pretrain.atomic import torch_save
         torch_save(lock.state_dict(), target / f"masks_rank{accelerator.process_index}.pt")
+    if pruner is not None:
+        torch_save(pruner.state_dict(), target / f"pruner_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text(target / "step.json", json.dumps({"step": step}) + "\n")
+        write_text(target / "step.json", json.dumps({"step": step, **(record or {})}) + "\n")
         write_text(state_dir / "latest", target.name + "\n")
         for old in state_dir.glob("step_*"):
             if old != target:

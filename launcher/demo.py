@@ -147,7 +147,9 @@ def run_demo(out: Path, sizes=None, one_shot: bool = True) -> int:
 masked-LM accuracy on {held['mlm_rows']} held-out rows of {sizes.seq_length} tokens (of {held['mlm_held_out_rows']}),
 fixed masks. Teacher preparation moved held-out masked-LM accuracy from {t['mlm_accuracy_first']:.3f} (first eval)
 to {t['mlm_accuracy']:.3f}; the students end at {', '.join(f"{s['mlm_accuracy']:.3f} ({round(100 * s['target'])}%)"
-                                                          for s in results['students'])}.
+                                                          for s in results['students'])}. The packaged MiniLM-L6 is a
+sentence-embedding model shipped without a masked-LM head: teacher preparation starts that head from
+random weights, so {sizes.teacher_steps} steps leave it weak, and the students distil from a weak teacher.
 
 What this small scale shows: the mechanics, measured: exact sparsity at each stage, zeros kept through
 transfer and QAT (checked per layer, and in the int8 weights), KD from the dense task teacher, the int8

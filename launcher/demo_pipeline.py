@@ -205,12 +205,13 @@ def held_out_sizes(out: Path, sizes: DemoSizes) -> dict:
 
 
 def plot_training(out: Path, sizes: DemoSizes) -> Path:
-    """Three panels from the runs' TensorBoard events: the students' sparsity (target and reached),
-    their rewound learning rate, and the training loss of the teacher and the students."""
+    """Four panels from the runs' TensorBoard events: the students' sparsity (target and reached),
+    their rewound learning rate, the pre-training loss of the teacher and the students, and the RT
+    training loss of the task teacher and of each pattern-locked transfer."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_s, ax_lr, ax_loss) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (ax_s, ax_lr, ax_loss, ax_rt) = plt.subplots(1, 4, figsize=(20, 4))
     teacher = out / "minilm-l6-teacher"
     loss = tensorboard_series(teacher, "train/loss")
     ax_loss.plot([s + 1 for s in loss], list(loss.values()), label="teacher preparation", color="black")
@@ -224,10 +225,16 @@ def plot_training(out: Path, sizes: DemoSizes) -> Path:
         ax_lr.plot([k + 1 for k in lr], list(lr.values()), label=f"student {pct}%")
         loss = tensorboard_series(run, "train/loss")
         ax_loss.plot([k + 1 for k in loss], list(loss.values()), label=f"student {pct}% (0.5 MLM + 0.5 KD)")
+    for name, label in [("rt-teacher", "dense task teacher (cross-entropy)"),
+                        *[(f"rt-sparse-{round(100 * s)}", f"{round(100 * s)}% transfer (KD, T=2)")
+                          for s in sizes.sparsities]]:
+        loss = tensorboard_series(out / name, "train/loss")
+        ax_rt.plot(list(loss), list(loss.values()), label=label)
+    ax_rt.set(title="RT fine-tuning loss", xlabel="step")
     ax_s.set(title="sparsity of the pruned layers", xlabel="step", ylabel="sparsity")
     ax_lr.set(title="learning rate (rewound every f steps)", xlabel="step")
     ax_loss.set(title="training loss", xlabel="step")
-    for ax in (ax_s, ax_lr, ax_loss):
+    for ax in (ax_s, ax_lr, ax_loss, ax_rt):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

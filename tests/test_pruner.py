@@ -204,6 +204,7 @@ def test_sharded_unstructured_pruner_equals_whole_tensor_pruner(world_size):
     assert reports[0] == reports[-1] == ref.sparsity()
 
 
+@pytest.mark.parametrize("search_chunk", [GradualPruner.SEARCH_CHUNK_UNITS, 60], ids=["one-search", "chunked"])
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("method, options, final, scope", [
     ("block", {"block_shape": [1, 4]}, 0.8, "layer"),
@@ -212,9 +213,12 @@ def test_sharded_unstructured_pruner_equals_whole_tensor_pruner(world_size):
     ("nm", {"n": 2, "m": 4}, 0.5, "layer"),
     ("nm", {"n": 1, "m": 4}, 0.75, "global"),
 ])
-def test_sharded_block_and_nm_equal_whole_tensor_masks(world_size, method, options, final, scope):
+def test_sharded_block_and_nm_equal_whole_tensor_masks(world_size, method, options, final, scope, search_chunk,
+                                                       monkeypatch):
     """Boundaries at arbitrary flat indices cut blocks, rows and N:M groups: masks must still be
-    those of the real 2-D units, identical to the one-process masks."""
+    those of the real 2-D units, identical to the one-process masks; also when the per-layer search
+    runs in chunks of layers (bounded memory)."""
+    monkeypatch.setattr(GradualPruner, "SEARCH_CHUNK_UNITS", search_chunk)
     torch.manual_seed(world_size)
     weights = [torch.randn(16, 24), torch.randn(8, 40), torch.randn(4, 8)]
     for w in weights:
@@ -234,6 +238,7 @@ def test_sharded_block_and_nm_equal_whole_tensor_masks(world_size, method, optio
                                   numel=b[rank + 1] - b[rank]) for i, (w, b) in enumerate(zip(weights, bounds))]
         pruner = GradualPruner(params, build_method(method, **options), schedule, scope,
                                all_reduce=all_reduce, rank=rank, world_size=world_size)
+        assert (len(pruner._search_chunks()) > 1) == (search_chunk == 60)
         for _ in range(4):
             pruner.step()
         return {name: m.clone() for name, m in pruner.masks.items()}
