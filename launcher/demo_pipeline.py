@@ -122,19 +122,47 @@ def run_stages(out: Path, sizes: DemoSizes) -> list[Stage]:
             continue
         print(f"{prefix} {stage.title} ... (log: {stage.log})", flush=True)
         began = time.perf_counter()
-        with open(stage.log, "w") as log:
-            log.write("$ " + " ".join(stage.argv) + "\n\n")
+        with open(stage.log, "wb") as log:
+            log.write(("$ " + " ".join(stage.argv) + "\n\n").encode())
             log.flush()
-            done = subprocess.run(stage.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            returncode = run_showing_progress(stage.argv, env, log, indent=" " * len(prefix))
         stage.seconds = time.perf_counter() - began
-        if done.returncode != 0:
-            tail = stage.log.read_text()[-3000:]
-            raise SystemExit(f"prune-ofa demo: stage {stage.name} failed (exit {done.returncode}); "
+        if returncode != 0:
+            tail = stage.log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"prune-ofa demo: stage {stage.name} failed (exit {returncode}); "
                              f"log {stage.log}:\n{tail}")
         if stage.name == "prepare-data":
             stage.output.write_text("ok\n")
         print(f"{' ' * len(prefix)} done in {stage.seconds:.0f}s", flush=True)
     return todo
+
+
+def run_showing_progress(argv: list, env: dict, log, indent: str, every: float = 0.5) -> int:
+    """Run ``argv`` with its whole output in ``log``, and keep the latest progress bar it drew (rank
+    0's tqdm line) on one line of this terminal, redrawn at most every ``every`` seconds (not a
+    terminal: printed as a line every 30 s)."""
+    import re
+    bar = re.compile(rb"\d+%\|.*\| *\d+/\d+ \[")
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shown, last_draw, pending = b"", 0.0, b""
+    interactive = sys.stdout.isatty()
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        log.write(chunk)
+        pending = (pending + chunk)[-4096:]
+        bars = [seg for seg in re.split(rb"[\r\n]", pending) if bar.search(seg)]
+        now = time.monotonic()
+        if bars and bars[-1] != shown and now - last_draw >= (every if interactive else 30.0):
+            shown, last_draw = bars[-1], now
+            text = shown.decode(errors="replace").strip()
+            if interactive:   # redraw in place
+                width = max(20, os.get_terminal_size().columns - len(indent) - 1)
+                print(f"\r{indent}{text[:width]}\x1b[K", end="", flush=True)
+            else:             # a log file: a line every 30 s
+                print(f"{indent}{text}", flush=True)
+    log.flush()
+    if shown and interactive:
+        print("\r\x1b[K", end="", flush=True)
+    return process.wait()
 
 
 # -- reading the results back -------------------------------------------------------------------

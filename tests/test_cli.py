@@ -82,3 +82,15 @@ def test_demo_stages_chain_their_outputs(tmp_path):
     assert f"model.name_or_path={todo['student-90'].output}" in todo["transfer-90"].argv
     assert f"distillation.teacher={tmp_path / 'rt-teacher' / 'model'}" in todo["transfer-90"].argv
     assert str(tmp_path / "rt-sparse-90-qat" / "model-int8") in todo["report-90"].argv
+
+
+def test_demo_stage_output_goes_whole_to_its_log_and_the_exit_code_comes_back(tmp_path, capsys):
+    import sys
+    from launcher.demo_pipeline import run_showing_progress
+    script = ("import sys\nfrom tqdm import tqdm\nfor i in tqdm(range(3)): print('line', i, flush=True)\n"
+              "sys.exit(3)")
+    with open(tmp_path / "stage.log", "wb") as log:
+        assert run_showing_progress([sys.executable, "-c", script], None, log, "  ", every=0.0) == 3
+    text = (tmp_path / "stage.log").read_text()
+    assert all(f"line {i}" in text for i in range(3)) and "3/3" in text
+    assert "line" not in capsys.readouterr().out          # the terminal gets the progress bar only
