@@ -85,6 +85,9 @@ class TrainingConfig:
     total_steps: int = 100_000
     global_batch_size: int = 256
     learning_rate: float = 5e-5
+    # parameters the checkpoint lacks (heads initialised at load, e.g. the MLM head of a sentence-
+    # embedding model such as the packaged MiniLM) train at this rate; None: learning_rate
+    new_parameters_learning_rate: Optional[float] = None
     warmup_steps: int = 1_000
     weight_decay: float = 0.01
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -269,7 +272,7 @@ def resolve_packaged_model(name: Optional[str], key: str) -> Optional[str]:
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """YAML 1.1 reads ``5e-5`` (no dot) as a string: accept it where a float is expected."""
-    if isinstance(f.default, float) and isinstance(value, str):
+    if (isinstance(f.default, float) or f.type == "Optional[float]") and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
@@ -285,10 +288,14 @@ def _check_types(recipe: Recipe) -> list[tuple[str, str]]:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             value = getattr(obj, f.name)
             key = f"{section}.{f.name}"
-            if default is None or value is None:
-                if value is None and default is not None:
+            if value is None:
+                if default is not None:
                     problems.append((key, "must be set"))
                 continue
+            if default is None:   # an optional setting: its type from the annotation
+                default = {"Optional[int]": 0, "Optional[float]": 0.0, "Optional[str]": ""}.get(f.type)
+                if default is None:
+                    continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
             elif isinstance(default, int):
@@ -324,6 +331,9 @@ def _value_problems(recipe: Recipe) -> list[tuple[str, str]]:
                 "training.learning_rate": t.learning_rate, "data.max_seq_length": recipe.data.max_seq_length,
                 "distillation.temperature": d.temperature}
     problems += [(k, f"must be > 0, got {v}") for k, v in positive.items() if v <= 0]
+    if t.new_parameters_learning_rate is not None and not t.new_parameters_learning_rate > 0:
+        problems.append(("training.new_parameters_learning_rate",
+                         f"must be > 0 or null, got {t.new_parameters_learning_rate}"))
     positive.update({"training.micro_batch_size": t.micro_batch_size, "training.save_interval": t.save_interval,
                      "training.log_interval": t.log_interval, "training.eval_interval": t.eval_interval,
                      "training.keep_checkpoints": t.keep_checkpoints})

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,20 +70,31 @@ def model_class(nsp: bool):
     return AutoModelForPreTraining if nsp else AutoModelForMaskedLM
 
 
-def load_model(path: str, nsp: bool, attn: str, dtype=None):
-    model = model_class(nsp).from_pretrained(path, attn_implementation=attn, **({"dtype": dtype} if dtype else {}))
+def load_model(path: str, nsp: bool, attn: str, dtype=None, with_new: bool = False):
+    """The model at ``path``; with ``with_new`` also the names of its parameters the checkpoint
+    lacked (initialised at load, as heads a sentence-embedding checkpoint has no use for)."""
+    model, info = model_class(nsp).from_pretrained(path, attn_implementation=attn, output_loading_info=True,
+                                                   **({"dtype": dtype} if dtype else {}))
     if nsp and not hasattr(getattr(model, "cls", None), "seq_relationship"):
         raise ConfigError(f"data.nsp: {type(model).__name__} has no next-sentence head; set data.nsp=false")
-    return model
+    if not with_new:
+        return model
+    return model, sorted(set(info["missing_keys"]) & {name for name, _ in model.named_parameters()})
 
 
-def optimizer_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for biases and LayerNorm weights (as BERT and HF do)."""
-    decay, no_decay = [], []
+def optimizer_groups(model, weight_decay: float, new: Sequence[str] = (), new_lr: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay for biases and LayerNorm weights (as BERT and HF do); the
+    parameters named in ``new`` in groups of their own at ``new_lr`` (when given)."""
+    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
+    separate = set(new) if new_lr is not None else set()
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[(name in separate, param.ndim >= 2)].append(param)
+    result = [{"params": groups[(False, True)], "weight_decay": weight_decay},
+              {"params": groups[(False, False)], "weight_decay": 0.0}]
+    result += [{"params": groups[(True, d)], "weight_decay": weight_decay if d else 0.0, "lr": new_lr}
+               for d in (True, False) if groups[(True, d)]]
+    return result
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -159,7 +171,8 @@ def run(recipe: Recipe) -> Path:
     # models: the student (or the teacher being prepared), and the frozen teacher; heads missing
     # from a checkpoint are initialised alike on every rank
     torch.manual_seed(t.seed)
-    model = load_model(recipe.model.name_or_path, nsp, recipe.model.attn_implementation)
+    model, new_parameters = load_model(recipe.model.name_or_path, nsp, recipe.model.attn_implementation,
+                                       with_new=True)
     pruned = check_against_model(recipe, model) if student_stage else []
     pruned_names = [name for name, _ in pruned]
     teacher = None
@@ -169,7 +182,11 @@ def run(recipe: Recipe) -> Path:
                              torch.bfloat16 if use_bf16 else None)
         teacher.eval().requires_grad_(False)
 
-    optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
+    if new_parameters and rank == 0:
+        print(f"{len(new_parameters)} parameters not in {recipe.model.name_or_path}, initialised at load, train at lr "
+              f"{t.new_parameters_learning_rate or t.learning_rate}: {', '.join(new_parameters)}", flush=True)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay, new_parameters,
+                                                   t.new_parameters_learning_rate), lr=t.learning_rate,
                                   betas=tuple(t.adam_betas), eps=t.adam_epsilon)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor())
     engine, _, _, lr_scheduler = deepspeed.initialize(model=model, optimizer=optimizer,

