@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from _mlm_bench import add_device_arguments, device_setup
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/minilm-l6-teacher.yaml"
 
@@ -150,16 +152,9 @@ def main():
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per setting and round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds counted (one more warms up)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads on CPU (0: torch's default). See the docstring.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="autocast the step to bf16")
+    add_device_arguments(parser, threads=0, bf16_help="autocast the step to bf16")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import transformers
-    transformers.logging.set_verbosity_error()
+    device_setup(args)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as cache_dir:
         table, prepared = preparation_table(args, cache_dir)
         print(table, flush=True)

