@@ -24,12 +24,15 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class DemoSizes:
     """How much each stage trains (chosen for a bounded run on 2 CPU cores; see the report's notes)."""
+    # Measured on 2 cores (2026-11-21, bench/RESULTS.md): a student step (MiniLM + its teacher, full
+    # 30k-word MLM heads on 16 x 64 tokens) ~4 s, an RT step ~1.7 s, ~25 s to start a stage's 2
+    # processes; these defaults end in ~15 min. `--sparsities 85 90` adds the 90% chain (~10 min).
     processes: int = 2
     teacher_steps: int = 30           # teacher preparation (global batch 16, sequence 64)
-    student_steps: int = 60           # student pruning: GMP to the target by 2/3, masks frozen at 4/5
-    finetune_steps: int = 150         # RT task teacher and each transfer (batch 16 per process)
-    qat_steps: int = 40
-    sparsities: tuple = (0.85, 0.90)
+    student_steps: int = 48           # student pruning: GMP to the target by 2/3, masks frozen at 4/5
+    finetune_steps: int = 120         # RT task teacher and each transfer (batch 16 per process)
+    qat_steps: int = 30
+    sparsities: tuple = (0.85,)
     seq_length: int = 64
 
 
