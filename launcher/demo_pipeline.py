@@ -145,14 +145,15 @@ def run_showing_progress(argv: list, env: dict, log, indent: str, every: float =
     0's tqdm line) on one line of this terminal, redrawn at most every ``every`` seconds (not a
     terminal: printed as a line every 30 s)."""
     import re
-    bar = re.compile(rb"\d+%\|.*\| *\d+/\d+ \[")
+    # a tqdm line up to its closing bracket (a log line may follow it before the next \r)
+    bar = re.compile(rb"[^\r\n]*?\d+%\|[^\r\n]*?\| *\d+/\d+ \[[^\]\r\n]*\]")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shown, last_draw, pending = b"", 0.0, b""
     interactive = sys.stdout.isatty()
     while chunk := os.read(process.stdout.fileno(), 65536):
         log.write(chunk)
         pending = (pending + chunk)[-4096:]
-        bars = [seg for seg in re.split(rb"[\r\n]", pending) if bar.search(seg)]
+        bars = bar.findall(pending)
         now = time.monotonic()
         if bars and bars[-1] != shown and now - last_draw >= (every if interactive else 30.0):
             shown, last_draw = bars[-1], now
