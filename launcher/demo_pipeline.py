@@ -24,14 +24,14 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class DemoSizes:
     """How much each stage trains (chosen for a bounded run on 2 CPU cores; see the report's notes)."""
-    # Measured on 2 cores (2026-11-21, bench/RESULTS.md): a student step (MiniLM + its teacher, full
-    # 30k-word MLM heads on 16 x 64 tokens) ~4 s, an RT step ~1.7 s, ~25 s to start a stage's 2
-    # processes; these defaults end in ~15 min. `--sparsities 85 90` adds the 90% chain (~10 min).
+    # Measured on 2 cores (2026-11-21): a student step (MiniLM + its teacher, full 30k-word MLM
+    # heads on 16 x 64 tokens) ~4.5 s, an RT step ~1.8 s (2.2 s with KD), ~25 s to start a stage's 2
+    # processes; these defaults end in ~15 min. `--sparsities 85 90` adds the 90% chain (~8 min).
     processes: int = 2
     teacher_steps: int = 30           # teacher preparation (global batch 16, sequence 64)
-    student_steps: int = 48           # student pruning: GMP to the target by 2/3, masks frozen at 4/5
-    finetune_steps: int = 120         # RT task teacher and each transfer (batch 16 per process)
-    qat_steps: int = 30
+    student_steps: int = 40           # student pruning: GMP to the target by 2/3, masks frozen at 4/5
+    finetune_steps: int = 100         # RT task teacher and each transfer (batch 16 per process)
+    qat_steps: int = 20
     sparsities: tuple = (0.85,)
     seq_length: int = 64
 
