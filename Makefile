@@ -21,11 +21,16 @@ $(STAMP): setup.py constraints.txt Makefile
 
 venv: $(STAMP)
 
+# Two pytest workers: most of a multi-process test is start-up and waiting, so two at a time fill
+# 2 cores (measured: see README). Tests that share a SLURM cluster or a module's fixture stay on one
+# worker (tests/conftest.py); TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: venv
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 demo: corpus
 	$(VENV)/bin/prune-ofa demo --out runs/demo

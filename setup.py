@@ -27,7 +27,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"],
                     # reads the Austen novels' R data file when materializing the offline corpus
                     "corpus": ["rdata>=1.0"]},
     entry_points={"console_scripts": ["prune-ofa=launcher.cli:main"]},
