@@ -50,6 +50,9 @@ def make_accelerator(seed: int, logging_dir: Path | None = None):
         from accelerate.utils import ProjectConfiguration
         options.update(log_with="tensorboard",
                        project_config=ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from sparse_pretrain.ds_runtime import skip_cpu_shm_build
+        skip_cpu_shm_build()      # Accelerate's DeepSpeed plugin starts DeepSpeed's runtime: no ~60 s op build
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Accelerator(**options)
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -7,11 +7,20 @@ import sys
 import torch
 
 
+def skip_cpu_shm_build() -> None:
+    """On CPU, DeepSpeed's ``init_distributed`` JIT-compiles a shared-memory op (~60 s on 2 cores, and
+    again whenever the Python environment moves) that only its inference all-reduce uses; training
+    never calls it, so the build is skipped. Nothing to do with CUDA."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.comm.torch  # noqa: F401  (`import a.b.torch as x` would bind the real torch package)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
 def init_distributed() -> None:
     """``deepspeed.init_distributed`` with the backend this machine supports (NCCL with CUDA, gloo
-    otherwise), under a launcher, as an srun task, or alone. On CPU, DeepSpeed JIT-compiles a
-    shared-memory op (~60 s) that only its inference all-reduce uses; training never calls it, so it
-    is skipped."""
+    otherwise), under a launcher, as an srun task, or alone, without the CPU shared-memory op's build."""
     import deepspeed
 
     from launcher.rendezvous import export_torch_env
@@ -23,8 +32,5 @@ def init_distributed() -> None:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.comm.torch  # noqa: F401  (the module object is in sys.modules)
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
