@@ -245,7 +245,7 @@ def run(recipe: FinetuneRecipe) -> dict:
             if step % 10 == 0 and accelerator.is_main_process:   # a host sync only every 10 steps
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            if pruner is not None and target is not None:
+            if target is not None:                    # the masks were recomputed at this step
                 accelerator.log({f"pruning/{k}": v for k, v in mask_updates[-1].items() if k != "step"}, step=step)
             # preemption (SLURM's warning signal, or the stop file): save this step, then stop for a requeue
             stop = step < total and watch.should_stop()          # one all-reduce of one int, every rank

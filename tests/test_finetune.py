@@ -69,9 +69,10 @@ def launch_command(recipe, out, *flags, extra=()):
 
 
 def launch_env(flags, extensions_dir=None):
-    if "--use_deepspeed" not in flags:
-        return dict(env(), ACCELERATE_USE_CPU="true")
-    return dict(env(), TORCH_EXTENSIONS_DIR=str(extensions_dir)) if extensions_dir else env()
+    extra = {} if "--use_deepspeed" in flags else {"ACCELERATE_USE_CPU": "true"}
+    if extensions_dir is not None:         # where DeepSpeed would put ops it JIT-builds
+        extra["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
+    return dict(env(), **extra)
 
 
 def launch(recipe, out, *flags, extra=(), extensions_dir=None):
