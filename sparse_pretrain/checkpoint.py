@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import torch_save, write_text
+from .pause_points import pause
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -60,6 +61,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
     rank = dist.get_rank()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch_save(trainer_state, root / tag / "trainer" / f"rank{rank:05d}.pt")
+    pause("checkpoint", step, root / tag, rank)     # tests: killed here, the checkpoint is incomplete
     dist.barrier()
     if rank == 0:
         write_text(root / tag / COMPLETE, f"{dist.get_world_size()}\n")

@@ -22,13 +22,14 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, run_identity
 from .atomic import write_text
 from .config import ConfigError, Recipe, check_against_model
 from .distill import pretraining_distillation_loss
 from .ds_runtime import init_distributed
 from .export import export_model, gather_fp32_state_dict
 from .monitor import Monitor, flops_per_token, peak_tflops
+from .pause_points import pause
 from .preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
 from .pruner import GradualPruner
 from .zero_shards import ZeroShards, set_full_weights
@@ -144,7 +145,7 @@ def run(recipe: Recipe) -> Path:
 
     from .data.batches import PretrainingBatches, PretrainingRows
     from .data.collator import MaskingCollator
-    from .data.prepare import load_prepared, load_tokenizer, resolve_nsp
+    from .data.prepare import load_prepared, load_tokenizer, prepared_path, resolve_nsp
 
     t, student_stage = recipe.training, recipe.stage == "student"
     output_dir = Path(t.output_dir)
@@ -163,7 +164,18 @@ def run(recipe: Recipe) -> Path:
 
     # data: prepared once by `prune-ofa prepare-data`, memory-mapped here
     tokenizer = load_tokenizer(recipe)
-    train_rows, held_out = load_prepared(recipe)
+    data_dir = prepared_path(recipe, tokenizer)
+    train_rows, held_out = load_prepared(recipe, data_dir)
+
+    # this run's identity: a directory holding another run's checkpoints is refused (or, asked
+    # for, discarded) here, before any weights load, so nobody's run is resumed or overwritten
+    identity = pretraining_identity(recipe, data_dir)
+    if run_identity.check_run(output_dir, identity, getattr(t, "discard_different_run", False)):
+        dist.barrier()
+        if rank == 0:
+            print(f"discarded the different run in {output_dir}: "
+                  f"{', '.join(run_identity.discard_run(output_dir))}", flush=True)
+        dist.barrier()
     batches = PretrainingBatches(len(train_rows), t.global_batch_size, t.micro_batch_size, world, rank,
                                  seed=t.seed, with_mask_seeds=True)
     collator = MaskingCollator(tokenizer, seed=t.seed)
@@ -198,6 +210,7 @@ def run(recipe: Recipe) -> Path:
             teacher = deepspeed.initialize(model=teacher, config=teacher_config)[0].module
         else:
             teacher.to(engine.device)
+        teacher.eval()
 
     # inference mode is the cheapest, but ZeRO-3's partitioning hooks write into the gathered
     # parameters after the forward, which inference tensors forbid
@@ -214,13 +227,18 @@ def run(recipe: Recipe) -> Path:
 
     # resume from the newest complete checkpoint in the output directory, if any
     ckpt_root = output_dir / "checkpoints"
-    step = resume(engine, ckpt_root, pruner, shards, batches, collator, lr_scheduler, rank, world)
+    step, resumed_rng = resume(engine, ckpt_root, pruner, shards, batches, collator, lr_scheduler, rank, world)
 
     loader = DataLoader(PretrainingRows(train_rows), batch_sampler=batches, collate_fn=collator,
                         num_workers=t.dataloader_workers, pin_memory=use_cuda,
                         persistent_workers=t.dataloader_workers > 0,
                         prefetch_factor=4 if t.dataloader_workers > 0 else None)
-    micro_batches = iter(loader)
+    micro_batches = iter(loader)   # draws from the global generator (the workers' base seed)...
+    if resumed_rng is not None:      # ...so the saved RNG state goes back only now: dropout continues
+        checkpoint.set_rng_states(resumed_rng)   # exactly where the uninterrupted run's is
+    # from_pretrained returns a model in eval mode and DeepSpeed keeps it: without this, dropout would
+    # be off until the first evaluation (which ends in train())
+    engine.module.train()
     accumulation = batches.accumulation_steps
     weights = recipe.distillation_weights()
     monitor = Monitor(output_dir, rank, t.total_steps, step)
@@ -255,6 +273,7 @@ def run(recipe: Recipe) -> Path:
                     None if not nsp else teacher_out.seq_relationship_logits.clone())
                 loss, loss_kd = terms["loss"], terms["kd"]
             engine.backward(loss)
+            pause("mid-step", step, output_dir, rank)      # tests: a kill between backward and step
             engine.step()              # the pruner's hooks keep pruned weights and gradients at zero
             sums += torch.stack([loss.detach(), loss_pt.detach(), loss_kd.detach(),
                                  batch["attention_mask"].sum()]).double()
@@ -304,6 +323,8 @@ def run(recipe: Recipe) -> Path:
         # preemption (SLURM's warning signal, or the stop file): checkpoint this step, then stop
         stop = step < t.total_steps and watch.should_stop()     # one all-reduce of one int, every rank
         if step % t.save_interval == 0 or step == t.total_steps or stop:
+            if rank == 0:     # no checkpoint without the record of the run it belongs to
+                run_identity.record_run(output_dir, identity)
             checkpoint.save(engine, ckpt_root, step, trainer_state(step, engine, batches, collator, lr_scheduler,
                                                                    pruner, world), t.keep_checkpoints)
         if stop:
@@ -335,6 +356,28 @@ def run(recipe: Recipe) -> Path:
     return out
 
 
+#: recipe keys that say only where or how often to write, how to place the work on the machines
+#: (a run may resume on another world size or ZeRO stage) or how to log; the model, teacher and
+#: data paths are replaced by digests of what they hold (a moved directory is the same run)
+NOT_IN_IDENTITY = ("training.output_dir", "training.save_interval", "training.keep_checkpoints",
+                   "training.log_interval", "training.eval_interval", "training.eval_batches",
+                   "training.dataloader_workers", "training.peak_tflops", "training.micro_batch_size",
+                   "training.deepspeed_config", "training.zero_stage", "training.zero3_persistence_threshold",
+                   "model.attn_implementation", "model.teacher_zero3", "model.name_or_path",
+                   "model.teacher_name_or_path", "data.num_proc", "data.cache_dir", "data.data_files",
+                   "data.tokenizer_name_or_path")
+
+
+def pretraining_identity(recipe: Recipe, data_dir: Path) -> dict:
+    """What defines this run (:mod:`.run_identity`): the recipe's keys that change results, the
+    model and teacher (digests of their files), and the prepared data (its settings hash, which
+    covers the tokenizer and the source files' contents)."""
+    teacher = (recipe.model.teacher_name_or_path or recipe.model.name_or_path) if recipe.stage == "student" else None
+    inputs = {"model": run_identity.model_identity(recipe.model.name_or_path),
+              "teacher": run_identity.model_identity(teacher), "data": data_dir.name}
+    return run_identity.run_identity(recipe.to_dict(), NOT_IN_IDENTITY, inputs)
+
+
 def trainer_state(step: int, engine, batches, collator, lr_scheduler, pruner, world: int) -> dict:
     """What a checkpoint holds besides DeepSpeed's own state (this rank's; see checkpoint.py)."""
     return {"step": step, "batches": batches.state_dict(), "collator": collator.state_dict(),
@@ -343,8 +386,11 @@ def trainer_state(step: int, engine, batches, collator, lr_scheduler, pruner, wo
             "pruner": pruner.state_dict() if pruner is not None else None}
 
 
-def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, rank: int, world: int) -> int:
-    """Load the newest complete checkpoint under ``root``; returns the step to start at (0 if none).
+def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, rank: int,
+           world: int) -> tuple[int, dict | None]:
+    """Load the newest complete checkpoint under ``root``; returns the step to start at (0 if none)
+    and this rank's saved RNG states, which the caller sets once nothing else will draw before
+    the first step (None on another layout, or without a checkpoint).
 
     Same world size and ZeRO stage: DeepSpeed's own load, every state bit-for-bit. Otherwise the
     fp32 weights are consolidated from the ZeRO files and set into the new partitions, the masks
@@ -353,7 +399,8 @@ def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, 
     checkpoint conversion), which the log says."""
     tag = checkpoint.latest_tag(root)
     if tag is None:
-        return 0
+        return 0, None
+    rng = None     # RNG states are per rank: they carry over on the same layout only
     states = checkpoint.trainer_states(root / tag)
     same_layout = len(states) == world and states[0]["zero_stage"] == engine.zero_optimization_stage()
     if same_layout:
@@ -361,7 +408,7 @@ def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, 
         mine = states[rank]
         if pruner is not None:
             pruner.load_state_dict(mine["pruner"])
-        checkpoint.set_rng_states(mine["rng"])
+        rng = mine["rng"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         set_full_weights(engine, get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
@@ -380,4 +427,4 @@ def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, 
     collator.load_state_dict(mine["collator"])
     if rank == 0:
         print(f"resumed from {root / tag} at step {states[0]['step']}")
-    return int(states[0]["step"])
+    return int(states[0]["step"]), rng

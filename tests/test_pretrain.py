@@ -1,17 +1,18 @@
 """The pre-training recipe end to end in real processes (torchrun, gloo, CPU): student pruning under
 ZeRO-1/2/3 with exact sparsity in the exported model, TensorBoard, and resume after a kill."""
 import json
-import sys
 import os
-import signal
+import shutil
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, scalars, torchrun, torchrun_command, write_recipe
+from process_tree import kill_tree, latest_tag, wait_for
+from sparse_pretrain import pause_points
 from sparse_pretrain.lr_rewind import RewoundLinearLR
 from sparse_pretrain.threshold import pruned_count
 
@@ -86,33 +87,77 @@ def test_student_pruning_exports_exact_sparsity(setup, world_size, stage, method
         assert sorted(series["sparsity/target"]) == [0, 2, 4, 6]
 
 
-def test_kill_and_resume_is_bitwise_identical(setup):
+def launch_and_kill(recipe: Path, out: Path, world: int, overrides: list[str], pause_at: str) -> list[int]:
+    """Start a torchrun run of ``world`` ranks, wait until every rank has paused at ``pause_at``
+    (sparse_pretrain/pause_points.py), then SIGKILL the launcher and every rank (torchrun starts
+    each rank in a session of its own: killing its process group would leave them running);
+    returns the ranks' PIDs, each checked to be dead."""
+    environment = dict(env(), **{pause_points.VARIABLE: pause_at})
+    process = subprocess.Popen(torchrun_command(world, recipe, f"training.output_dir={out}", *overrides),
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        point = pause_at.split(":")[0]
+        wait_for(lambda: len(list(out.rglob(f".paused-{point}-rank*"))) == world, process,
+                 what=f"every rank to pause at {pause_at}")
+        return kill_tree(process.pid, "sparse_pretrain", expected=world)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("zero_stage, pause_at, resumes_at", [
+    (2, "checkpoint:6", 4),     # killed while the step-6 checkpoint is half-written: resumes from step 4
+    (3, "mid-step:5", 4),       # killed between backward and optimizer step of step 5 (0-based)
+])
+def test_kill_and_resume_is_bitwise_identical(setup, zero_stage, pause_at, resumes_at):
+    """Dropout 0.1 (the tiny BERT's default) in every step: a killed and resumed run is the
+    uninterrupted one bit for bit: losses, LR and exported weights."""
     root, recipe = setup
-    overrides = ["training.total_steps=12", "training.save_interval=2", "pruning.end=8"]
-    straight = root / "straight"
+    overrides = ["training.total_steps=12", "training.save_interval=2", "pruning.end=8",
+                 f"training.zero_stage={zero_stage}", "training.eval_interval=100"]
+    straight = root / f"straight-{zero_stage}"
     torchrun(2, recipe, f"training.output_dir={straight}", *overrides)
 
-    killed = root / "killed"
-    process = subprocess.Popen(torchrun_command(2, recipe, f"training.output_dir={killed}", *overrides),
-                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    latest = killed / "checkpoints" / "latest"
-    while time.time() < deadline and process.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step_000004":
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model").exists()
+    killed = root / f"killed-{zero_stage}"
+    launch_and_kill(recipe, killed, 2, overrides, pause_at)
+    checkpoints = killed / "checkpoints"
+    assert not (killed / "model").exists()                       # stopped before the end
+    assert latest_tag(checkpoints) == f"step_{resumes_at:06d}"   # the newest complete checkpoint
+    if pause_at.startswith("checkpoint"):                        # the half-written one is there, incomplete
+        assert (checkpoints / "step_000006").is_dir() and not (checkpoints / "step_000006" / "COMPLETE").exists()
+
     done = torchrun(2, recipe, f"training.output_dir={killed}", *overrides)
-    assert "resumed from" in done.stdout
+    assert f"resumed from {checkpoints / f'step_{resumes_at:06d}'} at step {resumes_at}" in done.stdout
+    assert f"starting at step {resumes_at}" in done.stdout       # work was left to do
     a, b = scalars(straight), scalars(killed)
-    assert a["train/loss"] == b["train/loss"]                 # every step, bit for bit
+    assert set(b["train/loss"]) == set(range(12))
+    assert a["train/loss"] == b["train/loss"]                    # every step, bit for bit
     assert a["train/lr"] == b["train/lr"]
     from safetensors.torch import load_file
     wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_dropout_is_on_from_the_first_step(setup, tmp_path):
+    """from_pretrained returns a model in eval mode: training with dropout 0.1 must differ from
+    training the same weights with dropout 0, even when no evaluation ever runs."""
+    root, recipe = setup
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    no_dropout = tmp_path / "no-dropout"
+    shutil.copytree(root / "tiny-bert", no_dropout)
+    config = AutoConfig.from_pretrained(no_dropout)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(no_dropout)
+    weights = {}
+    for name, model in (("dropout", root / "tiny-bert"), ("none", no_dropout)):
+        out = tmp_path / name
+        torchrun(1, recipe, f"training.output_dir={out}", f"model.name_or_path={model}", "stage=teacher",
+                 "training.total_steps=3", "training.eval_interval=100", "training.save_interval=100")
+        weights[name] = load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(weights["dropout"][k], weights["none"][k]) for k in weights["dropout"])
 
 
 def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
@@ -120,18 +165,10 @@ def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
     out = root / "resized"
     # masks are last recomputed after step t=2; the checkpoint after 4 steps holds the final ones
     overrides = ["training.total_steps=8", "training.save_interval=4", "pruning.end=2", "pruning.policy_end=2"]
-    first = subprocess.Popen(torchrun_command(2, recipe, f"training.output_dir={out}", "training.zero_stage=2",
-                                              "training.total_steps=8", *overrides[1:]),
-                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not latest.is_file():
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    launch_and_kill(recipe, out, 2, ["training.zero_stage=2", *overrides], "mid-step:5")
     from sparse_pretrain import checkpoint
     tag = checkpoint.latest_tag(out / "checkpoints")
-    assert tag is not None
+    assert tag == "step_000004" and not (out / "model").exists()     # killed before the end
     states = checkpoint.trainer_states(out / "checkpoints" / tag)
     saved = {}
     from sparse_pretrain.masks import unpack_mask
@@ -140,7 +177,7 @@ def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
             saved.setdefault(name, []).append((piece["offset"], unpack_mask(piece["bits"], piece["numel"])))
     saved = {n: torch.cat([m for _, m in sorted(p, key=lambda x: x[0])]) for n, p in saved.items()}
     done = torchrun(3, recipe, f"training.output_dir={out}", "training.zero_stage=3", *overrides)
-    assert "optimizer moments restart" in done.stdout
+    assert "optimizer moments restart" in done.stdout and "starting at step 4" in done.stdout
     zeros, _ = exported_zeros(out / "model")
     for name, z in zeros.items():       # masks frozen since step 2: the zeros are the saved masks
         assert torch.equal(z.flatten(), ~saved[name]), name
@@ -182,3 +219,33 @@ def test_bad_recipe_fails_before_anything_loads(setup):
     done = subprocess.run([sys.executable, "-m", "sparse_pretrain", "--config", str(recipe),
                            "training.micro_batch_size=5"], env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "training.micro_batch_size: must divide global_batch_size (12)" in done.stderr
+
+
+def test_a_different_run_in_the_output_directory_is_refused(setup, tmp_path):
+    """A student recipe pointed at a directory holding a finished teacher run is refused before
+    anything loads, naming what differs, and nothing of the teacher run changes; the same teacher
+    recipe still resumes; ``training.discard_different_run=true`` deletes the old run first."""
+    root, recipe = setup
+    out = tmp_path / "run"
+    teacher = ["stage=teacher", "training.total_steps=2", "training.eval_interval=100", "training.save_interval=2"]
+    torchrun(1, recipe, f"training.output_dir={out}", *teacher)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert out / "run.json" in before
+
+    done = subprocess.run(torchrun_command(1, recipe, f"training.output_dir={out}", "training.total_steps=8"),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"training.output_dir: {out} holds a different run" in done.stderr
+    assert "stage: 'teacher' -> 'student'" in done.stderr and "training.total_steps: 2 -> 8" in done.stderr
+    assert "training.discard_different_run=true" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before   # nothing touched
+
+    again = torchrun(1, recipe, f"training.output_dir={out}", *teacher)          # the same run resumes
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in again.stdout
+
+    fresh = torchrun(1, recipe, f"training.output_dir={out}", "training.total_steps=8",
+                     "training.discard_different_run=true")
+    assert f"discarded the different run in {out}" in fresh.stdout and "starting at step 0" in fresh.stdout
+    assert json.loads((out / "run.json").read_text())["stage"] == "student"
+    assert json.loads((out / "model" / "sparsity.json").read_text())["target"] == 0.9
