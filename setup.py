@@ -26,8 +26,9 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pydantic>=2.5",      # the recipe schema (DeepSpeed needs it too)
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "psutil>=5.9"],   # psutil: kill a run's process tree
                     # reads the Austen novels' R data file when materializing the offline corpus
                     "corpus": ["rdata>=1.0"]},
     entry_points={"console_scripts": ["prune-ofa=launcher.cli:main"]},
