@@ -28,14 +28,14 @@ def cmd_materialize_corpus(args) -> int:
 def cmd_prepare_data(args) -> int:
     from sparse_pretrain.config import load_recipe
 
-    from .prepare import prepare_dataset
+    from .prepare import NoSpaceError, prepare_dataset
     overrides = list(args.overrides)
     if args.num_proc is not None:
         overrides.append(f"data.num_proc={args.num_proc}")
     recipe = load_recipe(args.config, overrides)
     try:
         path = prepare_dataset(recipe, force=args.force)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, NoSpaceError) as err:   # bad sources, a full disk
         print(f"prepare-data: {err}", file=sys.stderr)
         return 2
     print(path)
@@ -62,7 +62,9 @@ def add_data_commands(subparsers) -> None:
         "prepare-data", help="tokenize and build pre-training rows once, saved by settings hash",
         description="Load the recipe's data (hub dataset or data.data_files), tokenize with the model's "
                     "fast tokenizer, build BERT pre-training rows (NSP pairs or MLM-only) and save them "
-                    "under data.cache_dir/<name>-<settings hash>; prints that directory.")
+                    "under data.cache_dir/<name>-<settings hash>; prints that directory. It appears "
+                    "complete or not at all: an error, Ctrl-C or SIGTERM removes the temporary "
+                    "directory, and the next run removes one a killed run left.")
     prepare.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     prepare.add_argument("overrides", nargs="*", metavar="key=value",
                          help="override recipe keys, e.g. data.data_files=[data/corpus/*.jsonl]")
