@@ -1,8 +1,11 @@
-"""``accelerate launch -m finetune --config RECIPE.yaml [key=value ...]``"""
+"""``accelerate launch -m finetune --config RECIPE.yaml [key=value ...]``
+
+Load the recipe, check what it reads (``sparse_pretrain.preflight``), run it. A user error is one line
+from one process with exit code 2; a programming error keeps its traceback."""
 import argparse
 import sys
 
-from sparse_pretrain.config import ConfigError
+from sparse_pretrain.preflight import check_recipe, run_main
 
 from .config import load_finetune_recipe
 
@@ -12,14 +15,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         recipe = load_finetune_recipe(args.config, args.overrides)
+        check_recipe("qat" if recipe.qat.enabled else "finetune", recipe)   # before any weights load
         from .trainer import run
         run(recipe)
-    except (ConfigError, ValueError) as err:
-        print(f"finetune: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser.prog, body)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def quantized_layer_report(model: nn.Module) -> dict[str, dict]:
     return report
 
 
-def save_quantized(model: nn.Module, out_dir: Union[str, Path]) -> Path:
+def save_quantized(model: nn.Module, out_dir: Union[str, Path], tokenizer=None) -> Path:
     """Write a converted model (see the module docstring for the format); a new directory replaces
     an old one only once complete."""
     layers = list(int8_modules(model))
@@ -326,6 +326,8 @@ def save_quantized(model: nn.Module, out_dir: Union[str, Path]) -> Path:
         config.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         torch.save(model.state_dict(), tmp / STATE_FILE)
+        if tokenizer is not None:        # inside the same atomic directory: complete or absent
+            tokenizer.save_pretrained(tmp)
     return out_dir
 
 

@@ -13,22 +13,70 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 
-from sparse_pretrain.atomic import write_text
+from sparse_pretrain.atomic import replacing_dir, write_text
 from sparse_pretrain.config import check_against_model
 from sparse_pretrain.distill import soft_cross_entropy
 from sparse_pretrain.masks import find_prunable, whole_parameters
 from sparse_pretrain.pattern_lock import PatternLock
 from sparse_pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
 from sparse_pretrain.pruner import GradualPruner
+from sparse_pretrain.run_identity import (check_run, discard_run, files_identity, model_identity, record_run,
+                                          run_identity)
 
 from .config import FinetuneRecipe
 from .heads import head_for
 
 LABEL_COLUMNS = ("labels", "start_positions", "end_positions")
+
+#: Recipe keys left out of the run's identity (``sparse_pretrain/run_identity.py``): a run that differs
+#: only in these trains exactly the same weights, so it may resume the recorded one.
+NOT_IN_IDENTITY = (
+    "training.output_dir",         # where the run writes (the directory the record is in)
+    "training.eval_batch_size",     # evaluation only: how many held-out rows per forward; nothing trains on it
+    "training.eval_every",         # when to evaluate: evaluation changes no weight and no RNG (see evaluate)
+    "training.save_every",         # when to save a state: a save draws no random number, and a resume from
+                                   # any saved step is bitwise the uninterrupted run (tests/test_finetune_resume.py)
+    "model.min_sparsity",          # a check of the loaded model: the run stops before training or is unchanged
+    # paths of inputs: identified by their contents instead (``inputs.*``; data files by name and bytes),
+    # so a moved copy is the same run and a model or data file rewritten in place is another one
+    "model.name_or_path", "distillation.teacher", "task.data_files", "task.data_files.",
+)
+
+
+def recipe_tree(recipe) -> dict:
+    """The recipe as nested plain values, whatever the config objects are: a pydantic model
+    (``model_dump``), an object with ``to_dict``, or dataclasses."""
+    if hasattr(recipe, "model_dump"):
+        return recipe.model_dump(mode="json")
+    if hasattr(recipe, "to_dict"):
+        return recipe.to_dict()
+    return dataclasses.asdict(recipe)
+
+
+def data_identity(task) -> dict:
+    """The task data's identity: a digest of each local split file; the packaged RT file; else
+    the hub task's name (its data is the hub's, named by ``task.name``)."""
+    if task.data_files:
+        return {f"data.{split}": files_identity([paths] if isinstance(paths, (str, Path)) else list(paths))
+                for split, paths in sorted(task.data_files.items())}
+    if task.name == "rt-sentiment":
+        from .tasks import rt_sentiment_path
+        return {"data": files_identity([rt_sentiment_path()])}
+    return {"data": f"hub:{task.name}"}
+
+
+def finetune_identity(recipe: FinetuneRecipe) -> dict:
+    """What defines this fine-tuning (or QAT) run: every recipe key that changes results (all but
+    :data:`NOT_IN_IDENTITY`), and the contents of the model, the teacher and the data. Cheap: a
+    large weight file is read at both ends only."""
+    return run_identity(recipe_tree(recipe), NOT_IN_IDENTITY, {
+        "model": model_identity(recipe.model.name_or_path),
+        "teacher": model_identity(recipe.distillation.teacher), **data_identity(recipe.task)})
 
 
 def make_accelerator(seed: int, logging_dir: Path | None = None):
@@ -125,9 +173,16 @@ def mask_update_record(step: int, target: float, pruner) -> dict:
 
 
 def evaluate(accelerator, model, head, loaders: dict) -> dict:
-    model.eval()
-    results = {split: head.evaluate(model, loader, split, accelerator.gather_for_metrics)
-               for split, loader in loaders.items()}
+    """Metrics on every evaluation split, with dropout off, then back to train mode. The random
+    number generators come out as they went in: an evaluation DataLoader's iterator draws its seed
+    from the global generator, which would shift every later dropout mask, so the trained weights
+    would depend on ``eval_every``, and a run resumed from a state saved just before an evaluation
+    (its RNG saved before the draw) would leave the uninterrupted run's path."""
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        results = {split: head.evaluate(model, loader, split, accelerator.gather_for_metrics)
+                   for split, loader in loaders.items()}
     model.train()
     return results
 
@@ -144,12 +199,26 @@ def run(recipe: FinetuneRecipe) -> dict:
     from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
     t, d = recipe.training, recipe.distillation
+    output_dir = Path(t.output_dir)
+    state_dir = output_dir / "state"
+    # another run's state or model in output_dir: refused here (ConfigError), before anything loads,
+    # on every process alike (each reads the same record); or marked for discarding
+    identity = finetune_identity(recipe)
+    discard = check_run(output_dir, identity, t.discard_different_run)
     head = head_for(recipe.task)
     data = head.load(recipe.task.data_files, seed=t.seed)           # bad columns/labels fail here
     if d.teacher:
         head.check_teacher(AutoConfig.from_pretrained(d.teacher))   # before any weights load
-    accelerator = make_accelerator(t.seed, Path(t.output_dir))
+    accelerator = make_accelerator(t.seed, output_dir)
+    if accelerator.is_main_process:   # one process changes the directory, the others wait for it
+        if discard:
+            removed = discard_run(output_dir)
+            print(f"training.discard_different_run: removed the different run's {', '.join(removed)} "
+                  f"from {output_dir}", flush=True)
+        remove_unfinished_states(state_dir)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers("tensorboard")     # the run's curves: tensorboard --logdir <output_dir>
+    any_rank = max_all_reduce()                  # one int over the ranks: a save that failed anywhere
     watch = PreemptionWatch(all_reduce=max_all_reduce(), watch_file=accelerator.is_main_process)
     torch.manual_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
@@ -194,8 +263,6 @@ def run(recipe: FinetuneRecipe) -> dict:
     hooked = hooked or shards is not None               # DeepSpeed: the optimizer's step hooks keep zeros
     mask_updates = []                                    # (fine-tune pruning) the masks at each update
 
-    output_dir = Path(t.output_dir)
-    state_dir = output_dir / "state"
     step = resumed_from = 0
     latest = latest_state(state_dir)
     if latest is not None:                            # resume: weights, optimizer, scheduler, RNG, masks
@@ -251,7 +318,9 @@ def run(recipe: FinetuneRecipe) -> dict:
             stop = step < total and watch.should_stop()          # one all-reduce of one int, every rank
             periodic = step % t.save_every == 0 if t.save_every else step % len(train_loader) == 0
             if periodic or step == total or stop:
-                save_state(accelerator, state_dir, step, lock, pruner, {"mask_updates": mask_updates} if pruner else None)
+                save_state(accelerator, state_dir, step, lock, pruner,
+                           {"mask_updates": mask_updates} if pruner else None, run=(output_dir, identity),
+                           any_rank=any_rank)
             if stop:
                 bar.close()
                 accelerator.print(f"preempted ({watch.reason()}) after step {step}: state saved, exiting with "
@@ -293,8 +362,9 @@ def run(recipe: FinetuneRecipe) -> dict:
         summary.update(export_int8(accelerator.unwrap_model(model), lock, tokenizer, output_dir / "model-int8",
                                    head, features, t.eval_batch_size))
     elif accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
+        with replacing_dir(model_dir) as tmp:    # complete or absent, never half-written
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     if accelerator.is_main_process:
         write_text(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
         print(json.dumps({"metrics": results, "sparsity": summary["sparsity"]}))
@@ -317,8 +387,7 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch
 
     from .quantization import convert_to_int8, int8_modules, load_quantized, save_quantized
     int8 = convert_to_int8(qat_model.cpu())
-    save_quantized(int8, out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_quantized(int8, out_dir, tokenizer)
     reloaded = load_quantized(out_dir).eval()
     metrics = {split: head.evaluate(reloaded, DataLoader(f, batch_size=batch_size, collate_fn=features.collate), split)
                for split, f in features.eval.items()}
@@ -335,28 +404,92 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch
             "int8_pruned_nonzero": violations if lock is not None else None}
 
 
-def save_state(accelerator, state_dir: Path, step: int, lock, pruner=None, record: dict | None = None) -> None:
-    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks (pattern-lock)
-    or pruner state (masks, the schedule's clock), in a new directory per step, with ``record`` in
-    its step.json; ``latest`` names it only once every rank has written, and older states go then.
-    A run killed while saving resumes from the previous complete state."""
-    import shutil
+PARTIAL = ".partial-"   # the name a state is written under until every rank has written its part
 
+
+def save_state(accelerator, state_dir: Path, step: int, lock, pruner=None, record: dict | None = None,
+               run: tuple | None = None, any_rank=lambda failed: failed) -> None:
+    """Accelerate's own state (model, optimizer, scheduler, RNG) plus this rank's masks (pattern-lock)
+    or pruner state (masks, the schedule's clock), with ``record`` in its step.json, written under a
+    temporary name (``.partial-step_N``) that becomes ``step_N`` only once every rank has written;
+    then ``latest`` names it and older states go. A run killed while saving, or a save that fails
+    (a full disk, on any rank: ``any_rank`` tells them all), leaves the previous state complete and
+    named by ``latest``: the failed part is removed at once, or by the next start.
+    ``run``: ``(output_dir, identity)``, the run's record, written before its first state."""
     from sparse_pretrain.atomic import torch_save
-    target = state_dir / f"step_{step:08d}"
-    accelerator.save_state(str(target))
-    if lock is not None:
-        torch_save(lock.state_dict(), target / f"masks_rank{accelerator.process_index}.pt")
-    if pruner is not None:
-        torch_save(pruner.state_dict(), target / f"pruner_rank{accelerator.process_index}.pt")
+    from sparse_pretrain.pause_points import pause
+    name = f"step_{step:08d}"
+    partial, target = state_dir / f"{PARTIAL}{name}", state_dir / name
+    failure = None
+    try:
+        if run is not None and accelerator.is_main_process:
+            record_run(*run)           # no state without the record of the run it belongs to
+        accelerator.save_state(str(partial))
+        if lock is not None:
+            torch_save(lock.state_dict(), partial / f"masks_rank{accelerator.process_index}.pt")
+        if pruner is not None:
+            torch_save(pruner.state_dict(), partial / f"pruner_rank{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            write_text(partial / "step.json", json.dumps({"step": step, **(record or {})}) + "\n")
+    except Exception as err:           # a full disk (OSError; torch.save: RuntimeError), on any rank: all
+        failure = err                  # must learn of it, or the others wait for this one forever
+    if any_rank(int(failure is not None)):    # (also the barrier: every rank's part is written)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        error = save_failure(state_dir, step, failure)
+        if error is failure:
+            raise failure
+        raise error from failure
+    pause("save_state", step, partial, accelerator.process_index)  # tests: killed with every part written
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text(target / "step.json", json.dumps({"step": step, **(record or {})}) + "\n")
-        write_text(state_dir / "latest", target.name + "\n")
+        if target.exists():            # a complete state a kill left unnamed by latest: this one replaces it
+            shutil.rmtree(target)
+        partial.rename(target)         # atomic: the state is there whole or not at all
+        write_text(state_dir / "latest", name + "\n")
         for old in state_dir.glob("step_*"):
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def save_failure(state_dir: Path, step: int, failure: Exception | None) -> Exception:
+    """The error of a failed save: an OSError (a user error) saying what failed, what is left and
+    the space a state takes, when the files could not be written here (``OSError``, or torch.save's
+    RuntimeError for a short write) or on another rank; any other exception is a bug, raised as it is."""
+    writing = isinstance(failure, OSError) or (isinstance(failure, RuntimeError) and any(
+        words in str(failure) for words in ("write failed", "unexpected pos")))   # torch.save on a full disk
+    if failure is not None and not writing:
+        return failure
+    previous = latest_state(state_dir)
+    if failure is None:
+        cause = "on another rank, whose message says why"
+    elif isinstance(failure, OSError) and failure.strerror:
+        cause = failure.strerror + (f": {failure.filename}" if failure.filename else "")
+    else:
+        cause = str(failure).strip().splitlines()[-1]
+    space = ""
+    if previous is not None:
+        needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+        space = (f" (a state takes about {needed / 2**20:.0f} MiB; {shutil.disk_usage(state_dir).free / 2**20:.0f} "
+                 f"MiB are free)")
+    left = (f"{previous} is intact and a rerun resumes from it" if previous is not None
+            else "no earlier state exists: a rerun starts afresh")
+    message = (f"training.output_dir: saving the training state at step {step} into {state_dir} failed ({cause}); "
+               f"the partial state was removed, {left}. Free space{space} and rerun")
+    return OSError(failure.errno, message) if isinstance(failure, OSError) and failure.errno else OSError(message)
+
+
+def remove_unfinished_states(state_dir: Path) -> None:
+    """What a run killed while saving left in ``state_dir``: states still under their temporary
+    name, and complete ones ``latest`` does not name (killed before it moved). Main process, at start."""
+    if not state_dir.is_dir():
+        return
+    latest = latest_state(state_dir)
+    for path in list(state_dir.glob(f"{PARTIAL}*")) + list(state_dir.glob("step_*")):
+        if path.is_dir() and path != latest:
+            shutil.rmtree(path)
 
 
 def latest_state(state_dir: Path) -> Path | None:

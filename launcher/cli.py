@@ -21,7 +21,8 @@ def cmd_schedule(args) -> int:
     steps = sorted(set(args.steps)) if args.steps else table_steps(recipe)
     bad = [s for s in steps if not 0 <= s < recipe.training.total_steps]
     if bad:
-        raise SystemExit(f"prune-ofa schedule: --steps {bad} outside [0, {recipe.training.total_steps})")
+        from sparse_pretrain.preflight import UserError
+        raise UserError(f"--steps {bad}: outside [0, training.total_steps = {recipe.training.total_steps})")
     print(describe(recipe))
     print(format_table(schedule_rows(recipe, steps)))
     if args.plot:
@@ -42,17 +43,33 @@ def cmd_demo(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.preflight import check_recipe
+    recipe = load_recipe(args.config, args.overrides)
+    check_recipe("pretrain", recipe)                 # paths, hub names, architecture: before any weights load
     from sparse_pretrain.trainer import run
-    run(load_recipe(args.config, args.overrides))
+    run(recipe)
     return 0
 
 
 def cmd_finetune(args, qat: bool = False) -> int:
     from finetune.config import load_finetune_recipe
-    from finetune.trainer import run
+    from sparse_pretrain.preflight import check_recipe
     overrides = list(args.overrides) + (["qat.enabled=true"] if qat else [])
-    run(load_finetune_recipe(args.config, overrides))
+    recipe = load_finetune_recipe(args.config, overrides)
+    check_recipe("qat" if qat else "finetune", recipe)
+    from finetune.trainer import run
+    run(recipe)
     return 0
+
+
+def cmd_prepare_data(args) -> int:
+    """``sparse_pretrain.data.cli``'s prepare-data, after the preflight of what it reads."""
+    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.data.cli import cmd_prepare_data as prepare
+    from sparse_pretrain.preflight import check_recipe
+    overrides = list(args.overrides) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
+    check_recipe("prepare-data", load_recipe(args.config, overrides))
+    return prepare(args)
 
 
 def cmd_report(args) -> int:
@@ -82,17 +99,23 @@ def cmd_report(args) -> int:
 
 def cmd_submit(args) -> int:
     from launcher.pipeline import load_pipeline
-    from launcher.submit import SubmitError, format_submitted, submit_pipeline
+    from launcher.submit import PipelineActive, SubmitError, format_submitted, submit_pipeline
     pipeline = load_pipeline(args.pipeline)
     try:
-        record = submit_pipeline(pipeline, only=args.only, dry_run=args.dry_run)
+        record = submit_pipeline(pipeline, only=args.only, dry_run=args.dry_run, resume=args.resume)
+    except PipelineActive as err:         # jobs of this pipeline still queued: nothing was written
+        print(f"prune-ofa submit: {err}", file=sys.stderr)
+        return 2
     except SubmitError as err:
         print(f"prune-ofa submit: {err}", file=sys.stderr)
         return 1
     if args.dry_run:
         print(f"dry run: scripts in {pipeline.slurm_dir} (submit.sh submits them all); nothing submitted")
         return 0
-    stages = [s for s in pipeline.stages if s in (args.only or pipeline.stages)]
+    stages = record["submitted"]
+    if not stages:
+        print(f"pipeline {pipeline.name}: nothing to submit: every stage has finished or is still queued")
+        return 0
     print(f"pipeline {pipeline.name}: {len(stages)} job(s) submitted")
     print(format_submitted(pipeline, record, stages))
     return 0
@@ -126,6 +149,9 @@ def cmd_launch(args) -> int:
         print(plan.command_line())
         print(plan.summary(), end="")
         return 0
+    if plan.argv and plan.recipe is not None:       # this node starts processes: check what they will read
+        from sparse_pretrain.preflight import check_recipe
+        plan.argv += check_recipe(args.stage, plan.recipe)   # e.g. an attention fallback, for every rank
     return run(plan)
 
 
@@ -145,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.set_defaults(func=cmd_schedule)
     from sparse_pretrain.data.cli import add_data_commands
     add_data_commands(sub)
+    sub.choices["prepare-data"].set_defaults(func=cmd_prepare_data)
     pretrain = sub.add_parser("pretrain", help="teacher preparation or student pruning (DeepSpeed ZeRO)",
                               description="Run a pre-training recipe (stage: teacher | student) in this "
                                           "process, or in each process of a torchrun/deepspeed/srun launch.")
@@ -170,12 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit a pipeline (configs/pipelines/*.yaml) as dependent SLURM jobs",
                             description="Render one sbatch script per stage into OUTPUT_ROOT/slurm, submit them "
                                         "in order with afterok dependencies (a failed stage cancels its "
-                                        "dependents) and record OUTPUT_ROOT/slurm/jobs.json.")
+                                        "dependents) and record OUTPUT_ROOT/slurm/jobs.json. Refused while "
+                                        "jobs of the pipeline (job names PIPELINE-STAGE, asked of squeue) are "
+                                        "pending or running: wait, scancel them, or use --resume.")
     submit.add_argument("--pipeline", required=True, help="pipeline spec (see configs/pipelines/)")
     submit.add_argument("--dry-run", action="store_true", help="write the scripts, print the sbatch commands, "
                                                                "submit nothing")
-    submit.add_argument("--only", nargs="+", metavar="STAGE", help="submit only these stages (the others are "
-                                                                   "running or done)")
+    which = submit.add_mutually_exclusive_group()
+    which.add_argument("--only", nargs="+", metavar="STAGE", help="submit only these stages (the others are "
+                                                                  "running or done; refused while one of these "
+                                                                  "is still queued)")
+    which.add_argument("--resume", action="store_true",
+                       help="queue only the stages that have not finished, as a workflow manager's resume does "
+                            "(Nextflow -resume): a stage has finished when SLURM says COMPLETED or, once SLURM "
+                            "has forgotten its job, its log has the 'done' line; stages still pending or running "
+                            "are kept and their dependents wait for those jobs; training stages resume from "
+                            "their checkpoints")
     submit.set_defaults(func=cmd_submit)
     status = sub.add_parser("status", help="the SLURM state of each stage of a submitted pipeline")
     where = status.add_mutually_exclusive_group(required=True)
@@ -238,15 +275,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from sparse_pretrain.config import ConfigError
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"prune-ofa {args.command}: invalid config: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:   # bad input found before the expensive work
-        print(f"prune-ofa {args.command}: {err}", file=sys.stderr)
-        return 2
+    # a user error (bad recipe, path, hub name, input file): one line, one process, exit code 2
+    from sparse_pretrain.preflight import run_main
+    return run_main(f"prune-ofa {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 ``build_plan`` is a pure function from a request (stage, recipe, resources, launcher) and the
 environment (SLURM's variables, the local CUDA devices) to a ``LaunchPlan``: the argv, the variables
 to add, the files to write (a DeepSpeed hostfile), a description, the effective recipe and the
-rendezvous. Nothing runs before the plan is complete and checked; ``run`` then replaces this process
-with the plan's command, so the job's exit code and SLURM's signals (preemption) reach it directly.
+rendezvous. Nothing runs before the plan is complete and checked (``prune-ofa launch`` also runs the
+recipe's preflight, ``sparse_pretrain.preflight``, so no rank starts for a bad path); ``run`` then
+replaces this process with the plan's command, so the job's exit code and SLURM's signals
+(preemption) reach it directly, or, for torchrun, deepspeed and accelerate, runs it as a child that
+gets the same signals and whose first failing rank's one-line message and exit code are kept.
 
 Which launcher, where (``--launcher auto``):
 
@@ -34,6 +37,7 @@ import hashlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,6 +86,7 @@ class LaunchPlan:
     gpu: bool
     rendezvous: Optional[Rendezvous] = None
     files: dict[str, str] = field(default_factory=dict)   # path -> text, written before running
+    recipe: object = field(default=None, repr=False)      # the loaded recipe (None: report), for the preflight
 
     @property
     def world_size(self) -> int:
@@ -185,7 +190,7 @@ def _effective_config(stage: str, config: Optional[str], overrides: list[str]):
     if stage in ("finetune", "qat"):
         from finetune.config import load_finetune_recipe
         recipe = load_finetune_recipe(config, overrides)
-        return recipe, dataclasses.asdict(recipe)
+        return recipe, recipe.to_dict()
     return None, {"report_args": list(overrides)}
 
 
@@ -471,12 +476,24 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
         description = (f"{stage}: {device} on {where_text}, world size {world}, via {launcher}, "
                        f"rendezvous {rdzv.master_addr}:{rdzv.master_port}")
     return LaunchPlan(stage=stage, argv=argv, env=env, description=description, config=config, launcher=launcher,
-                      nodes=nodes, processes_per_node=procs, gpu=gpu, rendezvous=rdzv, files=files)
+                      nodes=nodes, processes_per_node=procs, gpu=gpu, rendezvous=rdzv, files=files, recipe=recipe)
+
+
+#: launchers that turn a rank's exit code into their own (1) and print a report of their own after it;
+#: ``run`` starts them as a child and keeps the first failing rank's message and code instead
+RANK_WRAPPING_LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
+#: signals a child launcher gets from ``prune-ofa launch`` as it would if it had replaced it (exec)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 def run(plan: LaunchPlan, replace_process: bool = True) -> int:
-    """Write the plan's files and run its command: in place of this process (the default: exit code
-    and signals reach the job directly), or as a child whose exit code is returned."""
+    """Write the plan's files and run its command.
+
+    One process or srun: in place of this process (the default; exit code and signals reach the job
+    directly), or as a child whose exit code is returned. torchrun, deepspeed and accelerate: always
+    as a child (``run_watching_ranks``), because they report a rank's exit code 2 as their own 1 after
+    a 30-line ChildFailedError: the first rank that fails with a user error records its one-line
+    message in a failure file, and this process prints it once and exits with its code."""
     for path, text in plan.files.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
@@ -485,8 +502,89 @@ def run(plan: LaunchPlan, replace_process: bool = True) -> int:
         return 0
     print(f"prune-ofa launch: {plan.description}\n  {plan.command_line()}", file=sys.stderr, flush=True)
     env = {**os.environ, **plan.env}
+    if plan.launcher in RANK_WRAPPING_LAUNCHERS:
+        return run_watching_ranks(plan.argv, env, f"prune-ofa launch {plan.stage}")
     if replace_process:
         sys.stdout.flush()
         os.execvpe(plan.argv[0], plan.argv, env)
     code = subprocess.run(plan.argv, env=env).returncode
+    return code if code >= 0 else 128 - code
+
+
+def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -> int:
+    """Run a launcher as a child that behaves, for signals and the exit code, as if it had replaced
+    this process, except that a rank's user error comes back as its one line and its exit code.
+
+    * The ranks see ``PRUNE_OFA_FAILURE_FILE`` (a file in a private temporary directory); the first
+      one that fails with a user error writes its message and exit code there
+      (``sparse_pretrain.preflight.report_user_error``) and prints nothing.
+    * The launcher's stderr (and the ranks', which inherit it) is passed through as it comes, until
+      that file exists: what follows is the consequence (other ranks torn down, the launcher's
+      ChildFailedError report) and is dropped; ``PRUNE_OFA_DEBUG=1`` keeps it. stdout is untouched.
+    * Exit code: the recorded one when a rank recorded a user error, else the launcher's own
+      (128 + N for a signal N, as a shell reports it).
+    * Signals. Outside SLURM the child gets a process group of its own and this process forwards
+      SIGINT, SIGTERM, SIGUSR1 and SIGHUP to it: whether they are sent to this PID (``kill``,
+      ``timeout``) or to the terminal's foreground group (Ctrl-C), the launcher receives each exactly
+      once, as it did when it replaced this process. Inside a SLURM job (a step, or the batch script)
+      SLURM signals every process of the job itself (scancel, the time limit, srun's forwarding:
+      proctrack signals the whole cgroup, process tree or process group), so the child stays in this
+      process group and nothing is forwarded, which would deliver each signal twice (a second SIGTERM
+      ends a rank at once, before its preemption checkpoint); this process only outlives the signal
+      to collect the exit code. (Signal the job there, ``scancel --signal``, not this PID.)
+    """
+    import select
+    import tempfile
+
+    from sparse_pretrain.preflight import FAILURE_FILE_ENV, debug, print_user_error, read_failure
+    in_slurm_job = bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
+    with tempfile.TemporaryDirectory(prefix="prune-ofa-launch-") as tmp:
+        failure_file = Path(tmp) / "failure.json"
+        child_env = {**env, FAILURE_FILE_ENV: str(failure_file)}
+        if debug():
+            child_env.pop(FAILURE_FILE_ENV)
+        group = {} if in_slurm_job else ({"process_group": 0} if sys.version_info >= (3, 11)
+                                          else {"preexec_fn": os.setpgrp})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child = subprocess.Popen(list(argv), env=child_env, stderr=subprocess.PIPE, **group)
+
+        def on_signal(signum, frame):
+            if not in_slurm_job:
+                try:
+                    os.kill(child.pid, signum)
+                except ProcessLookupError:
+                    pass
+        previous = {s: signal.signal(s, on_signal) for s in FORWARDED_SIGNALS}
+        keep_all, out = debug(), getattr(sys.stderr, "buffer", None)
+        try:
+            stream, dropping = child.stderr.fileno(), False
+            while True:
+                ready, _, _ = select.select([stream], [], [], 0.5)
+                if not ready:
+                    if child.poll() is not None:
+                        break                          # exited; a rank it left behind may hold the pipe
+                    continue
+                chunk = os.read(stream, 1 << 16)
+                if not chunk:
+                    break
+                dropping = dropping or (failure_file.exists() and not keep_all)
+                if dropping:
+                    continue
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stderr.write(chunk.decode(errors="replace"))
+                    sys.stderr.flush()
+            code = child.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            child.stderr.close()
+        failure = read_failure(failure_file)
+    if failure is not None:
+        code = int(failure.get("code", 2))
+        print_user_error(f"{prog}: {failure['message']}", code)
+        return code
     return code if code >= 0 else 128 - code

@@ -12,21 +12,29 @@ in a stage's overrides or report arguments is ``output_root/<stage>/<path>`` of 
       after: [teacher]
       overrides: {model.name_or_path: "@teacher/model", model.teacher_name_or_path: "@teacher/model"}
 
-:func:`load_pipeline` validates everything it can before a job is queued (unknown keys, unknown or
-missing upstream stages, cycles, recipes that do not load, resource requests the partition or the
-launcher cannot satisfy) and raises :class:`PipelineError` naming the stage and key.
+:func:`load_pipeline` validates everything it can before a job is queued and raises
+:class:`PipelineError` naming the dotted key (``stages.teacher.slurm.gpus_per_node: ...``). The spec
+as written is a declarative schema (:class:`PipelineSpec`, :class:`StageSpec`, :class:`Resources`,
+in the terms of :mod:`sparse_pretrain.schema`: unknown keys, types, ranges, rules between keys); a
+stage's ``slurm`` keys are validated as :class:`Resources` once merged over the spec's defaults.
+What needs the other stages or the file system comes next: unknown or missing upstream stages,
+cycles, references, recipes that do not load, requests the partition or the launcher cannot satisfy.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BeforeValidator, Field, Strict, StrictInt, field_validator, model_validator
+
+from sparse_pretrain.schema import Flag, NonNegativeInt, Section, Text, rule, validated
+
+from .launch import LAUNCHERS
 
 KINDS = ("prepare-data", "pretrain", "finetune", "qat", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "qat")          # long runs: checkpoint, requeue on preemption
@@ -40,24 +48,61 @@ class PipelineError(ValueError):
     """A pipeline spec is invalid; the message names the stage and key."""
 
 
-@dataclass
-class Resources:
-    """The ``slurm:`` section: spec-wide defaults, each key overridable per stage."""
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    time: Optional[str] = None               # SLURM time limit, e.g. "2-00:00:00" (default: the partition's)
-    nodes: int = 1
-    gpus_per_node: int = 0                   # 0: a CPU job with processes_per_node processes per node
-    processes_per_node: Optional[int] = None  # CPU nodes (default 1); with GPUs one process per GPU
-    cpus_per_task: Optional[int] = None      # CPUs of the one task per node (default: one per process)
-    mem: Optional[str] = None                # --mem per node, e.g. "64G"
-    signal_seconds: int = 300                # USR1 this long before the time limit: checkpoint, requeue
-    requeue: Optional[bool] = None           # default: true for pretrain/finetune/qat, false otherwise
-    launcher: str = "auto"                   # prune-ofa launch --launcher
-    setup: Optional[Any] = None              # line(s) before the run (default: activate this venv)
-    env: dict = field(default_factory=dict)  # exported variables
-    extra: list = field(default_factory=list)  # more #SBATCH options, e.g. ["--exclusive", "--constraint=a100"]
-    partition_gpus: Optional[int] = None     # GPUs per node of the partition (default: asked from sinfo)
+def _slurm_word(value: Any) -> Any:
+    """SLURM values YAML reads as numbers (``time: 90`` minutes, ``mem: 0``, a numeric account): as text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+SlurmText = Annotated[str, BeforeValidator(_slurm_word), Strict()]
+AtLeastOne = Annotated[StrictInt, Field(ge=1)]
+
+
+class Resources(Section):
+    """The ``slurm:`` section: spec-wide defaults, each key overridable per stage (a stage's keys are
+    merged over the defaults, ``env`` name by name, and the result validated again)."""
+    partition: Optional[SlurmText] = None
+    account: Optional[SlurmText] = None
+    time: Optional[SlurmText] = None         # SLURM time limit, e.g. "2-00:00:00" (default: the partition's)
+    nodes: AtLeastOne = 1
+    gpus_per_node: NonNegativeInt = 0        # 0: a CPU job with processes_per_node processes per node
+    processes_per_node: Optional[AtLeastOne] = None   # CPU nodes (default 1); with GPUs one process per GPU
+    cpus_per_task: Optional[AtLeastOne] = None   # CPUs of the one task per node (default: one per process)
+    mem: Optional[SlurmText] = None          # --mem per node, e.g. "64G"
+    # USR1 this long before the time limit: checkpoint, requeue (SLURM allows at most 65535)
+    signal_seconds: Annotated[StrictInt, Field(ge=0, le=65535)] = 300
+    requeue: Optional[Flag] = None           # default: true for pretrain/finetune/qat, false otherwise
+    launcher: Literal[LAUNCHERS] = "auto"    # prune-ofa launch --launcher
+    setup: Annotated[Optional[Text | list[Text]], Field(       # line(s) before the run (default: activate this venv)
+        description="a shell line or a list of them")] = None
+    env: Annotated[dict[Text, Text | int | float | bool], Field(description="a mapping NAME: value")] = {}
+    extra: Annotated[list[Text], Field(      # more #SBATCH options
+        description="a list of sbatch options, e.g. ['--exclusive']")] = []
+    partition_gpus: Optional[NonNegativeInt] = None   # GPUs per node of the partition (default: asked from sinfo)
+
+    @field_validator("env")
+    @classmethod
+    def _variable_names(cls, env: dict) -> dict:
+        for key in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a variable name")
+        return env
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and time_limit_seconds(value) is None:
+            raise ValueError(f"{value!r} is not a SLURM time (minutes, HH:MM:SS, D-HH:MM:SS)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.gpus_per_node and self.processes_per_node not in (None, self.gpus_per_node):
+            raise rule("processes_per_node", f"one process per GPU; with gpus_per_node={self.gpus_per_node} "
+                                             f"leave it unset")
+        if self.time is not None and self.signal_seconds >= time_limit_seconds(self.time):
+            raise rule("signal_seconds", f"the warning ({self.signal_seconds} s) must come before the time limit "
+                                         f"({self.time})")
+        return self
 
     @property
     def local_processes(self) -> int:
@@ -127,8 +172,110 @@ def cli_value(value: Any) -> str:
 
 # -- loading --------------------------------------------------------------------------------------
 
-SPEC_KEYS = ("name", "output_root", "workdir", "slurm", "stages")
-STAGE_KEYS = ("kind", "config", "overrides", "after", "slurm", "report")
+class ReportArgs(Section):
+    """A report stage's ``prune-ofa report`` arguments (paths, or ``@stage/path`` references)."""
+    model: Text                              # the model directory to report on
+    int8: Optional[Text] = None
+    metrics: Optional[Text] = None
+    baseline: Optional[Text] = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_set(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must be set (the model directory to report on)")
+        return value
+
+
+class StageSpec(Section):
+    """One entry of ``stages:`` as written. Its ``slurm`` keys are checked as :class:`Resources`
+    once merged over the spec's defaults; paths and references once the stages are known."""
+    kind: Literal[KINDS]
+    config: Optional[Text] = None            # the recipe (not for report)
+    overrides: dict[str, Any] = {}           # key: value, or ["key=value", ...] as on the command line
+    after: list[Text] = []                   # upstream stage names (one name: a list of one)
+    slurm: dict[str, Any] = {}
+    report: Optional[ReportArgs] = None      # report only
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _command_line_form(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, list):
+            pairs = [str(o).split("=", 1) for o in value]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("expected key=value items or a mapping")
+            return {k.strip(): yaml.safe_load(v) if v else "" for k, v in pairs}
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _stage_names(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        # a stage named 1 in YAML is the stage "1": names are compared as text
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value] \
+            if isinstance(value, list) else value
+
+    @field_validator("slurm", mode="before")
+    @classmethod
+    def _no_slurm_is_the_defaults(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _kind_decides_the_keys(self):
+        if self.kind == "report":
+            for key in ("config", "overrides"):
+                if key in self.model_fields_set:
+                    raise rule(key, f"a report stage takes report: {{{', '.join(REPORT_ARGS)}}}")
+            if self.report is None:
+                raise rule("report.model", "must be set (the model directory to report on)")
+        else:
+            if self.report is not None:
+                raise rule("report", "only for kind: report")
+            if not self.config:
+                raise rule("config", "must be set (a recipe, e.g. configs/minilm-l6-85.yaml)")
+        return self
+
+
+class PipelineSpec(Section):
+    """A pipeline spec file as written."""
+    name: Annotated[str, BeforeValidator(_slurm_word), Strict()]
+    output_root: Text                        # every stage writes output_root/<stage>
+    workdir: Optional[Text] = None           # where the jobs run (default: the current directory)
+    slurm: Resources = Field(default_factory=Resources)   # defaults for every stage
+    stages: dict[str, StageSpec]
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_word(cls, name: str) -> str:
+        if not STAGE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} must be letters, digits, '.', '_' or '-'")
+        return name
+
+    @field_validator("output_root")
+    @classmethod
+    def _output_root_set(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must be set")
+        return value
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _names_as_text(cls, stages: Any) -> Any:
+        if isinstance(stages, dict):
+            for name in stages:
+                name = str(name)
+                if not STAGE_NAME.fullmatch(name) or name in RESERVED:
+                    raise rule(name, f"a stage name must be letters, digits, '.', '_' or '-' and not "
+                                     f"{' or '.join(RESERVED)}")
+            if not stages:
+                raise ValueError("must be set (a mapping of stage name -> stage)")
+            return {str(k): v for k, v in stages.items()}
+        return stages
 
 
 def load_pipeline(path: str | Path, check_partition: bool = True) -> Pipeline:
@@ -140,83 +287,31 @@ def load_pipeline(path: str | Path, check_partition: bool = True) -> Pipeline:
     if not spec_path.is_file():
         raise PipelineError(f"pipeline: no such file {str(path)!r}")
     try:
-        spec = yaml.safe_load(spec_path.read_text()) or {}
+        raw = yaml.safe_load(spec_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise PipelineError(f"pipeline: {path} is not valid YAML ({err})") from None
-    if not isinstance(spec, dict):
+    if not isinstance(raw, dict):
         raise PipelineError(f"pipeline: {path} must hold a mapping")
-    _known(spec, SPEC_KEYS, "")
-    for key in ("name", "output_root", "stages"):
-        if not spec.get(key):
-            raise PipelineError(f"{key}: must be set")
-    name = str(spec["name"])
-    if not STAGE_NAME.fullmatch(name):
-        raise PipelineError(f"name: {name!r} must be letters, digits, '.', '_' or '-'")
-    workdir = Path(spec.get("workdir") or ".").expanduser().resolve()
-    output_root = (workdir / Path(spec["output_root"]).expanduser()).resolve()
-    defaults = _resources(spec.get("slurm") or {}, "slurm", Resources())
-    raw_stages = spec["stages"]
-    if not isinstance(raw_stages, dict):
-        raise PipelineError("stages: must be a mapping of stage name -> stage")
-
-    stages = {}
-    for stage_name, raw in raw_stages.items():
-        stage_name = str(stage_name)
-        if not STAGE_NAME.fullmatch(stage_name) or stage_name in RESERVED:
-            raise PipelineError(f"stages.{stage_name}: a stage name must be letters, digits, '.', '_' or '-' "
-                                f"and not {' or '.join(RESERVED)}")
-        if not isinstance(raw, dict):
-            raise PipelineError(f"stages.{stage_name}: must be a mapping (kind, config, overrides, after, slurm)")
-        stages[stage_name] = _stage(stage_name, raw, defaults, workdir, output_root)
+    spec = validated(PipelineSpec, raw, PipelineError)
+    workdir = Path(spec.workdir or ".").expanduser().resolve()
+    output_root = (workdir / Path(spec.output_root).expanduser()).resolve()
+    stages = {name: _stage(name, stage, spec.slurm, workdir, output_root) for name, stage in spec.stages.items()}
     order = topological_order({s.name: s.after for s in stages.values()})
     stages = {n: stages[n] for n in order}
     _resolve_references(stages, output_root)
-    pipeline = Pipeline(name=name, spec=spec_path, output_root=output_root, workdir=workdir, stages=stages)
+    pipeline = Pipeline(name=spec.name, spec=spec_path, output_root=output_root, workdir=workdir, stages=stages)
     for stage in stages.values():
         check_stage(stage, check_partition)
     return pipeline
 
 
-def _known(mapping: dict, keys, where: str) -> None:
-    for key in mapping:
-        if key not in keys:
-            raise PipelineError(f"{where}{key}: unknown key (known: {', '.join(keys)})")
-
-
-def _resources(raw: dict, where: str, base: Resources) -> Resources:
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{where}: must be a mapping")
-    known = {f.name: f for f in dataclasses.fields(Resources)}
-    _known(raw, list(known), f"{where}.")
-    merged = dataclasses.replace(base, **raw)
-    if "env" in raw:
-        merged.env = {**base.env, **(raw["env"] or {})}
-    for key in ("nodes", "gpus_per_node", "processes_per_node", "cpus_per_task", "signal_seconds",
-                "partition_gpus"):
-        value = getattr(merged, key)
-        minimum = 1 if key in ("nodes", "processes_per_node", "cpus_per_task") else 0
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-            raise PipelineError(f"{where}.{key}: must be an integer >= {minimum}, got {value!r}")
-    if merged.gpus_per_node and merged.processes_per_node not in (None, merged.gpus_per_node):
-        raise PipelineError(f"{where}.processes_per_node: one process per GPU; with gpus_per_node="
-                            f"{merged.gpus_per_node} leave it unset")
-    if not isinstance(merged.extra, list) or not all(isinstance(x, str) for x in merged.extra):
-        raise PipelineError(f"{where}.extra: must be a list of sbatch options, e.g. ['--exclusive']")
-    if not isinstance(merged.env, dict):
-        raise PipelineError(f"{where}.env: must be a mapping NAME: value")
-    for key in merged.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
-            raise PipelineError(f"{where}.env: {key!r} is not a variable name")
-    if merged.time is not None:
-        seconds = time_limit_seconds(str(merged.time))
-        if seconds is None:
-            raise PipelineError(f"{where}.time: {merged.time!r} is not a SLURM time (minutes, HH:MM:SS, D-HH:MM:SS)")
-        if merged.signal_seconds >= seconds:
-            raise PipelineError(f"{where}.signal_seconds: the warning ({merged.signal_seconds} s) must come "
-                                f"before the time limit ({merged.time})")
-    if merged.signal_seconds > 65535:
-        raise PipelineError(f"{where}.signal_seconds: SLURM allows at most 65535, got {merged.signal_seconds}")
-    return merged
+def stage_resources(name: str, own: dict, defaults: Resources) -> Resources:
+    """A stage's resources: its own ``slurm`` keys over the spec's defaults (``env`` merged name by
+    name), validated as a whole, so a rule between keys sees the values the job will get."""
+    merged = {**defaults.model_dump(exclude_unset=True), **own}
+    if isinstance(own.get("env"), dict):
+        merged["env"] = {**defaults.env, **own["env"]}
+    return validated(Resources, merged, PipelineError, where=("stages", name, "slurm"))
 
 
 def time_limit_seconds(text: str) -> Optional[int]:
@@ -232,54 +327,24 @@ def time_limit_seconds(text: str) -> Optional[int]:
     return a * 60 + (b or 0)
 
 
-def _stage(name: str, raw: dict, defaults: Resources, workdir: Path, output_root: Path) -> Stage:
+def _stage(name: str, spec: StageSpec, defaults: Resources, workdir: Path, output_root: Path) -> Stage:
     where = f"stages.{name}"
-    _known(raw, STAGE_KEYS, f"{where}.")
-    kind = raw.get("kind")
-    if kind not in KINDS:
-        raise PipelineError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-    after = raw.get("after") or []
-    if isinstance(after, str):
-        after = [after]
-    if not isinstance(after, list):
-        raise PipelineError(f"{where}.after: must be a list of stage names")
-    resources = _resources(raw.get("slurm") or {}, f"{where}.slurm", defaults)
+    resources = stage_resources(name, spec.slurm, defaults)
     output_dir = output_root / name
     config, overrides, report = None, {}, {}
-    if kind == "report":
-        for key in ("config", "overrides"):
-            if key in raw:
-                raise PipelineError(f"{where}.{key}: a report stage takes report: {{{', '.join(REPORT_ARGS)}}}")
-        report = raw.get("report") or {}
-        if not isinstance(report, dict):
-            raise PipelineError(f"{where}.report: must be a mapping ({', '.join(REPORT_ARGS)})")
-        _known(report, REPORT_ARGS, f"{where}.report.")
-        if not report.get("model"):
-            raise PipelineError(f"{where}.report.model: must be set (the model directory to report on)")
-        report = {k: v for k, v in report.items() if v}
+    if spec.kind == "report":
+        report = {k: v for k, v in spec.report.model_dump().items() if v}
     else:
-        if "report" in raw:
-            raise PipelineError(f"{where}.report: only for kind: report")
-        if not raw.get("config"):
-            raise PipelineError(f"{where}.config: must be set (a recipe, e.g. configs/minilm-l6-85.yaml)")
-        config = (workdir / Path(str(raw["config"])).expanduser()).resolve()
+        config = (workdir / Path(spec.config).expanduser()).resolve()
         if not config.is_file():
-            raise PipelineError(f"{where}.config: no such recipe {str(raw['config'])!r} (looked in {workdir})")
-        overrides = raw.get("overrides") or {}
-        if isinstance(overrides, list):        # ["key=value", ...] as on the command line
-            pairs = [str(o).split("=", 1) for o in overrides]
-            if any(len(p) != 2 for p in pairs):
-                raise PipelineError(f"{where}.overrides: expected key=value items or a mapping")
-            overrides = {k.strip(): yaml.safe_load(v) if v else "" for k, v in pairs}
-        if not isinstance(overrides, dict):
-            raise PipelineError(f"{where}.overrides: must be a mapping key: value")
-        overrides = {str(k): v for k, v in overrides.items()}
-        if kind in TRAINING_KINDS:
+            raise PipelineError(f"{where}.config: no such recipe {spec.config!r} (looked in {workdir})")
+        overrides = dict(spec.overrides)
+        if spec.kind in TRAINING_KINDS:
             if "training.output_dir" in overrides:
                 raise PipelineError(f"{where}.overrides.training.output_dir: set by the pipeline "
                                     f"({output_dir}); change output_root instead")
             overrides["training.output_dir"] = str(output_dir)
-    return Stage(name=name, kind=kind, config=config, overrides=overrides, after=[str(a) for a in after],
+    return Stage(name=name, kind=spec.kind, config=config, overrides=overrides, after=list(spec.after),
                  resources=resources, output_dir=output_dir, report=report)
 
 

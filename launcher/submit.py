@@ -7,6 +7,15 @@ submits them in dependency order with ``sbatch --parsable --dependency=afterok:.
 pending), and records ``output_root/slurm/jobs.json``. If an ``sbatch`` fails midway, the jobs
 already submitted are cancelled. ``status`` reads that record back and asks ``scontrol`` for each job.
 
+Submitting is idempotent: before anything is queued, SLURM is asked which jobs of the pipeline may still
+run (``squeue`` by job name ``<pipeline>-<stage>`` for this user, which also finds jobs that
+``jobs.json`` lacks, and ``scontrol`` for the jobs it records), and a pipeline with any is refused
+(:class:`PipelineActive`): a second chain would train into the same directories. ``resume=True``
+(``--resume``) queues only the stages that have not finished (SLURM says COMPLETED, or, once SLURM has
+forgotten the job, its log has the script's ``done`` line), keeps those still queued and makes their
+dependents wait for the existing jobs. ``jobs.json`` is updated, never replaced: a resubmitted stage's
+earlier entry moves to ``history``.
+
 Each script runs one task per node (``srun --ntasks-per-node=1``) of ``prune-ofa launch``, which
 starts the local processes (one per GPU, or ``processes_per_node`` on CPU nodes) and derives the
 rendezvous from SLURM's environment. Training stages are requeueable: SLURM's warning signal becomes
@@ -15,11 +24,14 @@ a stop file, the trainer checkpoints and exits with 75, and the script requeues 
 """
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import re
 import shlex
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,10 +41,19 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "stage.sbatch.in"
 #: states in which a job may still run (a dependency on it can still be satisfied)
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
+#: states of a job that has ended (squeue lists none of them by default; a listed one is not waited for)
+ENDED_STATES = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+                "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED")
+#: the line slurm/stage.sbatch.in prints when the stage's command succeeded
+DONE_LINE = re.compile(r"^prune-ofa: stage \S+ done ", re.M)
 
 
 class SubmitError(RuntimeError):
-    """An sbatch call failed; the jobs submitted before it were cancelled."""
+    """A SLURM client call failed (an sbatch: the jobs submitted before it were cancelled)."""
+
+
+class PipelineActive(ValueError):
+    """Jobs of the pipeline are still pending or running; the message names them and the ways out."""
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -202,23 +223,58 @@ def jobs_file(pipeline: Pipeline) -> Path:
 def read_jobs(path: Path) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no job record {path} (written by prune-ofa submit)")
-    return json.loads(Path(path).read_text())
+    try:
+        record = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not a job record ({err}); move it away to submit the pipeline again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+        raise ValueError(f"{path}: not a job record (no 'stages' mapping); move it away to submit the pipeline again")
+    return record
+
+
+def _write_jobs(path: Path, record: dict) -> None:
+    """Write the record whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def submit_pipeline(pipeline: Pipeline, only: Optional[Sequence[str]] = None, dry_run: bool = False,
-                    run: Runner = _run, echo: Callable[[str], None] = print) -> dict:
-    """Write the scripts; unless ``dry_run``, submit the stages (``only``: those stages) in order and
-    record them. Returns the job record (``stages``: name -> job_id, script, log, err, after)."""
+                    run: Runner = _run, echo: Callable[[str], None] = print, resume: bool = False) -> dict:
+    """Write the scripts; unless ``dry_run``, submit the stages in order and record them.
+
+    Which stages: all of them (refused with :class:`PipelineActive` while any job of the pipeline is
+    pending or running), ``only`` those (refused while one of them is; they wait for the jobs of
+    upstream stages still queued), or with ``resume`` those that have not finished (stages still queued
+    are kept and waited for, finished ones are neither resubmitted nor waited for). Returns the job
+    record (``stages``: name -> job_id, script, log, err, after; ``submitted``: the stages queued now;
+    ``history``: the entries they replaced)."""
+    if only and resume:
+        raise ValueError("--only and --resume: give one (--resume picks the unfinished stages itself)")
     selected = list(pipeline.stages) if not only else list(only)
     unknown = [s for s in selected if s not in pipeline.stages]
     if unknown:
         raise ValueError(f"--only: unknown stage(s) {unknown} (stages: {', '.join(pipeline.stages)})")
+    previous = read_jobs(jobs_file(pipeline)) if jobs_file(pipeline).is_file() else {"stages": {}}
+    # ask SLURM before anything is written; a dry run of the whole chain needs no SLURM
+    queued: dict[str, list[StageJob]] = {}
+    if not dry_run or only or resume:
+        try:
+            queued = queued_jobs(pipeline, previous, run)
+        except SubmitError as err:
+            if not dry_run:
+                raise
+            echo(f"dry run: {err}; assuming none is queued")
+    if resume:
+        selected = _unfinished_stages(pipeline, previous, queued, run, echo)
+    else:
+        busy = {name: jobs for name, jobs in queued.items() if name in selected}
+        if busy:
+            raise PipelineActive(_busy_message(pipeline, busy, only))
     scripts = write_scripts(pipeline)
-    previous = read_jobs(jobs_file(pipeline)) if only and jobs_file(pipeline).is_file() else {"stages": {}}
-    active = _active_jobs(previous, run) if only else {}
 
     record = {"pipeline": pipeline.name, "spec": str(pipeline.spec), "output_root": str(pipeline.output_root),
-              "stages": dict(previous.get("stages", {}))}
+              "stages": dict(previous.get("stages", {})), "history": list(previous.get("history", []))}
     ids: dict[str, str] = {}
     submitted: list[str] = []
     for stage in pipeline.stages.values():
@@ -228,12 +284,14 @@ def submit_pipeline(pipeline: Pipeline, only: Optional[Sequence[str]] = None, dr
         for up in stage.after:
             if up in ids:
                 dependencies.append(ids[up])
-            elif up in active:
-                dependencies.append(active[up])
-                echo(f"{stage.name}: waits for {up}, job {active[up]} of an earlier submission")
+            elif up in queued:
+                waits = [job.job_id for job in queued[up]]
+                dependencies += waits
+                echo(f"{stage.name}: waits for {up}, job {', '.join(waits)} of an earlier submission")
             elif only:
                 echo(f"{stage.name}: {up} is not submitted (--only); its output is expected in "
                      f"{pipeline.output_root / up}")
+            # with resume, an upstream stage neither queued nor resubmitted has finished: nothing to wait for
         if dry_run:
             echo(shell_line(stage, scripts[stage.name], dependencies))
             ids[stage.name] = f"${_variable(stage.name)}"
@@ -250,20 +308,164 @@ def submit_pipeline(pipeline: Pipeline, only: Optional[Sequence[str]] = None, dr
         ids[stage.name] = job_id
         submitted.append(job_id)
         out, err = log_paths(pipeline, stage, job_id)
-        record["stages"][stage.name] = {"job_id": job_id, "script": str(scripts[stage.name]), "log": str(out),
-                                        "err": str(err), "after": stage.after, "dependencies": dependencies,
-                                        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _replace_entry(record, stage.name, {
+            "job_id": job_id, "script": str(scripts[stage.name]), "log": str(out), "err": str(err),
+            "after": stage.after, "dependencies": dependencies, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    record["submitted"] = [name for name in pipeline.stages if name in ids]
     if not dry_run:
+        for name, jobs in queued.items():     # jobs found by name that the record lacks: record them too
+            if record["stages"].get(name, {}).get("job_id") not in [job.job_id for job in jobs]:
+                out, err = log_paths(pipeline, pipeline.stages[name], jobs[-1].job_id)
+                _replace_entry(record, name, {"job_id": jobs[-1].job_id, "script": str(scripts[name]),
+                                              "log": str(out), "err": str(err), "after": pipeline.stages[name].after,
+                                              "found": "squeue (not in jobs.json)"})
+        for name in [n for n in record["stages"] if n not in pipeline.stages]:   # stages the spec dropped
+            _replace_entry(record, name, None)
         record["stages"] = {n: record["stages"][n] for n in pipeline.stages if n in record["stages"]}
-        jobs_file(pipeline).write_text(json.dumps(record, indent=2) + "\n")
+        _write_jobs(jobs_file(pipeline), record)
     return record
 
 
-def _active_jobs(record: dict, run: Runner) -> dict[str, str]:
-    """Stages of an earlier submission whose job may still run: name -> job id."""
-    states = job_states([e["job_id"] for e in record.get("stages", {}).values()], run)
-    return {name: e["job_id"] for name, e in record.get("stages", {}).items()
-            if states.get(e["job_id"], {}).get("JobState") in ACTIVE_STATES}
+def _replace_entry(record: dict, stage: str, entry: Optional[dict]) -> None:
+    """Set a stage's entry; the one it replaces goes to ``history`` (``jobs.json`` keeps every job)."""
+    old = record["stages"].pop(stage, None)
+    if old is not None:
+        record["history"].append({"stage": stage, **old})
+    if entry is not None:
+        record["stages"][stage] = entry
+
+
+# -- what is already queued -----------------------------------------------------------------------
+
+@dataclass
+class StageJob:
+    """A job of one stage that SLURM still holds (pending, running, requeued, ...)."""
+    stage: str
+    job_id: str
+    state: str
+    reason: str = ""
+
+    def where(self) -> str:
+        """``job 102, PENDING: Dependency`` (the reason only for a pending job)."""
+        why = f": {self.reason}" if self.state == "PENDING" and self.reason not in ("", "None") else ""
+        return f"job {self.job_id}, {self.state}{why}"
+
+    def describe(self) -> str:
+        return f"{self.stage} ({self.where()})"
+
+
+def queued_jobs(pipeline: Pipeline, record: dict, run: Runner = _run) -> dict[str, list[StageJob]]:
+    """The jobs of the pipeline's stages that may still run: stage -> jobs, oldest first.
+
+    ``squeue --name <pipeline>-<stage>,... --user $USER`` finds them by job name, so also those that
+    ``jobs.json`` lacks (a lost record, a submit interrupted before writing it, a script sbatch'ed by
+    hand); ``scontrol`` answers for the jobs the record names (whoever submitted them). A job name is
+    all that ties a job to the pipeline: give each pipeline its own ``name``."""
+    names = {job_name(pipeline, stage): stage.name for stage in pipeline.stages.values()}
+    done = run(["squeue", "--noheader", f"--user={getpass.getuser()}", f"--name={','.join(names)}",
+                "--format=%i|%T|%r|%j"])
+    if done.returncode != 0:
+        raise SubmitError(f"squeue failed ({(done.stderr or done.stdout).strip()}): cannot tell which jobs of "
+                          f"pipeline {pipeline.name} are still queued; nothing submitted")
+    found: dict[str, StageJob] = {}
+    for line in done.stdout.splitlines():
+        fields = line.strip().split("|", 3)
+        if len(fields) == 4 and fields[3] in names and fields[1] not in ENDED_STATES:
+            found[fields[0]] = StageJob(names[fields[3]], fields[0], fields[1], fields[2])
+    recorded = {entry["job_id"]: name for name, entry in record.get("stages", {}).items() if name in pipeline.stages}
+    for job_id, fields in job_states(list(recorded), run).items():
+        if job_id not in found and fields.get("JobState") in ACTIVE_STATES:
+            found[job_id] = StageJob(recorded[job_id], job_id, fields["JobState"], fields.get("Reason", ""))
+    by_stage: dict[str, list[StageJob]] = {}
+    for job in sorted(found.values(), key=lambda j: (len(j.job_id), j.job_id)):
+        by_stage.setdefault(job.stage, []).append(job)
+    return {name: by_stage[name] for name in pipeline.stages if name in by_stage}
+
+
+def _busy_message(pipeline: Pipeline, busy: dict[str, list[StageJob]], only: Optional[Sequence[str]]) -> str:
+    jobs = [job for stage_jobs in busy.values() for job in stage_jobs]
+    listed = ", ".join(job.describe() for job in jobs)
+    cancel = f"scancel {' '.join(job.job_id for job in jobs)}"
+    if only:
+        return (f"--only: {listed} still queued; a second job would write into the same directory. Wait until "
+                f"it ends (prune-ofa status --pipeline {pipeline.spec}), cancel it ({cancel}), or leave it out "
+                f"of --only (stages after it then wait for it)")
+    return (f"pipeline {pipeline.name} is still queued: {listed}; submitting it again would start a second chain "
+            f"writing into the same directories under {pipeline.output_root}. Wait until its jobs end (prune-ofa "
+            f"status --pipeline {pipeline.spec}), cancel them ({cancel}), or queue only the stages that have not "
+            f"finished: prune-ofa submit --pipeline {pipeline.spec} --resume")
+
+
+def finished_stages(pipeline: Pipeline, record: dict, run: Runner = _run) -> dict[str, str]:
+    """Stages whose last job succeeded: stage -> how that is known. SLURM's word first (``scontrol``,
+    then ``sacct`` where accounting keeps forgotten jobs); for a job SLURM no longer knows, or a stage
+    the record lacks (its newest log by job id), the ``done`` line the script prints last."""
+    entries = {name: entry for name, entry in record.get("stages", {}).items() if name in pipeline.stages}
+    states = {job_id: fields.get("JobState", "") for job_id, fields in
+              job_states([e["job_id"] for e in entries.values()], run).items()}
+    states.update(_sacct_states([e["job_id"] for e in entries.values() if e["job_id"] not in states], run))
+    finished = {}
+    for name, stage in pipeline.stages.items():
+        entry = entries.get(name)
+        if entry is not None and entry["job_id"] in states:
+            if states[entry["job_id"]] == "COMPLETED":
+                finished[name] = f"job {entry['job_id']} COMPLETED"
+            continue
+        log = Path(entry["log"]) if entry is not None and entry.get("log") else _newest_log(pipeline, stage)
+        if log is not None and log.is_file() and DONE_LINE.search(log.read_text(errors="replace")):
+            finished[name] = f"'done' line in {log}"
+    return finished
+
+
+def _sacct_states(job_ids: Sequence[str], run: Runner) -> dict[str, str]:
+    """Final states from SLURM's accounting; nothing where there is none ("accounting storage is
+    disabled") or it does not answer."""
+    if not job_ids:
+        return {}
+    done = run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}",
+                "--format=JobID,State"])
+    if done.returncode != 0:
+        return {}
+    states = {}
+    for line in done.stdout.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if job_id in job_ids and state:
+            states[job_id] = state.split()[0]          # "CANCELLED by 1000" -> CANCELLED
+    return states
+
+
+def _newest_log(pipeline: Pipeline, stage: Stage) -> Optional[Path]:
+    """The stage's log of the highest job id in the log directory (``<pipeline>-<stage>-<id>.out``)."""
+    pattern = re.compile(rf"{re.escape(job_name(pipeline, stage))}-(\d+)\.out")
+    logs = [(int(m.group(1)), p) for p in pipeline.log_dir.glob(f"{job_name(pipeline, stage)}-*.out")
+            if (m := pattern.fullmatch(p.name))]
+    return max(logs)[1] if logs else None
+
+
+def _unfinished_stages(pipeline: Pipeline, record: dict, queued: dict[str, list[StageJob]], run: Runner,
+                       echo: Callable[[str], None]) -> list[str]:
+    """``--resume``: the stages to queue again (neither still queued nor finished), saying what
+    happens to each stage; refused when a queued job waits for a stage that must run again."""
+    finished = finished_stages(pipeline, record, run)
+    again = [name for name in pipeline.stages if name not in queued and name not in finished]
+    stuck = [(job, up) for name, jobs in queued.items() for job in jobs
+             for up in pipeline.stages[name].after if up in again]
+    if stuck:
+        waits = "; ".join(f"{job.describe()} waits for {up}, which has not finished and is not queued"
+                          for job, up in stuck)
+        cancel = " ".join(sorted({job.job_id for job, _ in stuck}))
+        raise PipelineActive(f"--resume: {waits}, so it can never start. Cancel it (scancel {cancel}) and run "
+                             f"prune-ofa submit --pipeline {pipeline.spec} --resume again")
+    for name in pipeline.stages:
+        if name in queued:
+            jobs = queued[name]
+            echo(f"{name}: still queued ({'; '.join(job.where() for job in jobs)}), kept")
+            if len(jobs) > 1:
+                echo(f"{name}: warning: {len(jobs)} jobs write into {pipeline.stages[name].output_dir}; cancel all "
+                     f"but one (scancel {' '.join(j.job_id for j in jobs[1:])})")
+        elif name in finished:
+            echo(f"{name}: finished ({finished[name]}), not resubmitted")
+    return again
 
 
 def format_submitted(pipeline: Pipeline, record: dict, stages: Sequence[str]) -> str:
@@ -302,8 +504,7 @@ def _from_log(entry: dict) -> tuple[str, str]:
     log = Path(entry.get("log", ""))
     if not log.is_file():
         return "UNKNOWN", "not in slurmctld any more, no log"
-    text = log.read_text(errors="replace")
-    if re.search(r"^prune-ofa: stage \S+ done ", text, re.M):
+    if DONE_LINE.search(log.read_text(errors="replace")):
         return "COMPLETED", "(from the log)"
     return "ENDED", "no 'done' line in the log: failed or killed"
 

@@ -1,8 +1,12 @@
-"""``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml [key=value ...]`` (or torchrun)."""
+"""``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml [key=value ...]`` (or torchrun).
+
+Load the recipe, check what it reads (``preflight``), run it. A user error is one line from one
+process with exit code 2 (``preflight.run_main``); a programming error keeps its traceback."""
 import argparse
 import sys
 
-from .config import ConfigError, load_recipe
+from .config import load_recipe
+from .preflight import check_recipe, run_main
 
 
 def main(argv=None) -> int:
@@ -12,14 +16,13 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         recipe = load_recipe(args.config, args.overrides)
+        check_recipe("pretrain", recipe)            # paths, hub names, architecture: before any weights load
         from .trainer import run
         run(recipe)
-    except ConfigError as err:
-        print(f"invalid config: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser.prog, body)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,19 @@ def schedule_problems(initial, final, start, policy_end, end, interval) -> list[
         problems.append(("interval", f"must be > 0, got {interval}"))
     if initial > final:
         problems.append(("initial_sparsity", f"must be <= final_sparsity ({final}), got {initial}"))
+    if not problems:   # the target is reached only by a mask update in [policy_end, end]
+        last = start + (end - start) // interval * interval
+        if last < policy_end:
+            reached = cubic_sparsity(last, initial, final, start, policy_end)
+            reached = next((f"{reached:.{d}g}" for d in (4, 6) if f"{reached:.{d}g}" != f"{final:.{d}g}"),
+                           repr(reached))
+            updates = range(start, end + 1, interval)
+            shown = ", ".join(map(str, updates)) if len(updates) <= 6 else f"{start}, {start + interval}, ..., {last}"
+            problems.append(("interval", (
+                f"mask updates at {shown} (start + k*interval, up to end) never fall in [policy_end, end] = "
+                f"[{policy_end}, {end}], so the masks would stop at sparsity {reached} (step {last}) instead of "
+                f"final_sparsity {final}; set end >= {last + interval} or an interval with an update in "
+                f"[{policy_end}, {end}]")))
     return problems
 
 

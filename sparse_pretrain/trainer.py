@@ -170,7 +170,7 @@ def run(recipe: Recipe) -> Path:
     # this run's identity: a directory holding another run's checkpoints is refused (or, asked
     # for, discarded) here, before any weights load, so nobody's run is resumed or overwritten
     identity = pretraining_identity(recipe, data_dir)
-    if run_identity.check_run(output_dir, identity, getattr(t, "discard_different_run", False)):
+    if run_identity.check_run(output_dir, identity, t.discard_different_run):
         dist.barrier()
         if rank == 0:
             print(f"discarded the different run in {output_dir}: "

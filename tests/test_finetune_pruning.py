@@ -140,9 +140,9 @@ def test_pruning_section_is_optional_and_uses_the_pretraining_classes(tmp_path):
     ({"pruning": {"method": "magnitude"}}, "pruning.method: unknown method 'magnitude'"),
     ({"pruning": {"final_sparsity": 1.5}}, "pruning.final_sparsity: must be a number in [0, 1)"),
     ({"pruning": {"policy_end": 0}}, "pruning.policy_end: must be > start (0), got 0"),
-    ({"pruning": {"lr_rewind": True, "policy_end": 36, "end": 36}, "training": {"max_steps": 40, "warmup_ratio": 0.2}},
+    ({"pruning": {"lr_rewind": True, "policy_end": 35, "end": 35}, "training": {"max_steps": 40, "warmup_ratio": 0.2}},
      "training.max_steps (or epochs), the fine-tuning length of 40 steps: must exceed warmup_steps + the pruning "
-     "window (36) for LR rewinding"),
+     "window (35) for LR rewinding"),
     ({"pruning": {"lr_rewind": "sometimes"}}, "pruning.lr_rewind: must be true or false"),
     ({"pruning": {"sparsity": 0.9}}, "pruning.sparsity: unknown key"),
 ])

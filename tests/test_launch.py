@@ -4,6 +4,7 @@ rendezvous every node derives from SLURM's variables alone, and real launches on
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -417,3 +418,109 @@ def test_one_task_per_node_launches_meet(prepared):
     assert "--node-rank=0" in err0 and "--node-rank=1" in err1
     assert "x 2 ranks" in out0
     assert exported_sparsity(out / "model") == pytest.approx(0.9, abs=0.01)
+
+
+# -- what a launcher's child reports back: one line and its exit code, and the signals it gets --------
+
+FAKE_LAUNCHER = """
+import os, signal, sys, time
+log, mode = sys.argv[1], sys.argv[2]
+got = []
+def note(signum, frame):
+    got.append(signum)
+    with open(log, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(s, note)
+if mode == "user-error":             # two ranks fail with a user error, then the launcher's own report
+    from sparse_pretrain.preflight import report_user_error
+    print("rank output before the failure", file=sys.stderr, flush=True)
+    report_user_error("python -m sparse_pretrain", "model.name_or_path: no such directory 'runs/x' (rank 1)")
+    report_user_error("python -m sparse_pretrain", "model.name_or_path: no such directory 'runs/x' (rank 0)")
+    print("Traceback (most recent call last):\\n  ...\\nChildFailedError:\\n====\\nsparse_pretrain FAILED", file=sys.stderr)
+    sys.exit(1)
+print("ready", file=sys.stderr, flush=True)
+deadline = time.time() + 60
+while time.time() < deadline and signal.SIGTERM not in got:
+    time.sleep(0.01)
+time.sleep(0.5)                      # a second copy of a signal would arrive by now
+sys.exit(7)
+"""
+
+WATCHING = ("import os, sys\nfrom launcher.launch import run_watching_ranks\n"
+            "sys.exit(run_watching_ranks([sys.executable, '-c', sys.argv[1], sys.argv[2], sys.argv[3]], "
+            "dict(os.environ), 'prune-ofa launch pretrain'))")
+
+
+def test_a_rank_user_error_comes_back_as_one_line_and_its_exit_code(tmp_path, capfd, monkeypatch):
+    """The launcher's child records the first user error; run_watching_ranks prints it once, drops the
+    launcher's report after it, and exits 2 instead of the launcher's 1."""
+    from launcher.launch import run_watching_ranks
+    for key in ("RANK", "SLURM_PROCID", "PRUNE_OFA_FAILURE_FILE", "PRUNE_OFA_DEBUG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    code = run_watching_ranks([sys.executable, "-c", FAKE_LAUNCHER, str(tmp_path / "log"), "user-error"],
+                              dict(os.environ), "prune-ofa launch pretrain")
+    err = capfd.readouterr().err
+    assert code == 2
+    assert "rank output before the failure" in err                    # what came before is kept
+    assert "ChildFailedError" not in err and "Traceback" not in err   # the launcher's report is not
+    lines = [line for line in err.splitlines() if "model.name_or_path" in line]
+    assert lines == ["prune-ofa launch pretrain: model.name_or_path: no such directory 'runs/x' (rank 1)"]
+    monkeypatch.setenv("PRUNE_OFA_DEBUG", "1")                        # the escape hatch: everything, code 1
+    code = run_watching_ranks([sys.executable, "-c", FAKE_LAUNCHER, str(tmp_path / "log"), "user-error"],
+                              dict(os.environ), "prune-ofa launch pretrain")
+    assert code == 1 and "ChildFailedError" in capfd.readouterr().err
+
+
+def _watch(tmp_path, extra_env):
+    log = tmp_path / "signals"
+    environ = {k: v for k, v in env().items() if not k.startswith(("SLURM_", "RANK", "PRUNE_OFA_"))}
+    outer = subprocess.Popen([sys.executable, "-c", WATCHING, FAKE_LAUNCHER, str(log), "wait"],
+                             env={**environ, **extra_env}, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "ready" not in outer.stderr.readline():
+        assert time.monotonic() < deadline and outer.poll() is None
+    return outer, log
+
+
+def _signals(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+def test_the_launcher_child_gets_each_signal_once_outside_slurm(tmp_path):
+    """Sent to prune-ofa launch's PID (kill, timeout) or to its process group (Ctrl-C in a terminal):
+    the launcher receives each signal exactly once, as when it replaced prune-ofa launch (exec), and
+    its exit code comes back."""
+    outer, log = _watch(tmp_path, {})
+    os.kill(outer.pid, signal.SIGUSR1)                 # to the PID only: forwarded
+    time.sleep(0.3)
+    os.killpg(outer.pid, signal.SIGINT)                # to the group (the terminal's Ctrl-C): not doubled
+    time.sleep(0.3)
+    os.kill(outer.pid, signal.SIGTERM)
+    assert outer.wait(timeout=60) == 7
+    assert _signals(log) == ["SIGUSR1", "SIGINT", "SIGTERM"]
+
+
+@pytest.mark.parametrize("where", [{"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"}, {"SLURM_JOB_ID": "1"}],
+                         ids=["srun-step", "batch-script"])
+def test_the_launcher_child_gets_slurms_signals_once_inside_a_job(tmp_path, where):
+    """In a SLURM job SLURM signals every process of the job itself: the launcher shares prune-ofa
+    launch's process group and nothing is forwarded, so a signal to the group arrives once."""
+    outer, log = _watch(tmp_path, where)
+    os.killpg(outer.pid, signal.SIGUSR1)
+    time.sleep(0.3)
+    os.killpg(outer.pid, signal.SIGTERM)
+    assert outer.wait(timeout=60) == 7                 # prune-ofa launch outlived the signal, kept the code
+    assert _signals(log) == ["SIGUSR1", "SIGTERM"]
+
+
+def test_torchrun_deepspeed_and_accelerate_run_as_watched_children(monkeypatch):
+    import launcher.launch as launch
+    seen = []
+    monkeypatch.setattr(launch, "run_watching_ranks", lambda argv, environ, prog: seen.append((argv, prog)) or 5)
+    monkeypatch.setattr(launch.os, "execvpe", lambda *a: pytest.fail("exec'd a launcher that hides exit codes"))
+    for launcher in launch.RANK_WRAPPING_LAUNCHERS:
+        p = launch.LaunchPlan("pretrain", ["true"], {}, "d", {}, launcher, 1, 2, False)
+        assert launch.run(p) == 5
+    assert seen == [(["true"], "prune-ofa launch pretrain")] * 3

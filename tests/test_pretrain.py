@@ -232,7 +232,8 @@ def test_a_different_run_in_the_output_directory_is_refused(setup, tmp_path):
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert out / "run.json" in before
 
-    done = subprocess.run(torchrun_command(1, recipe, f"training.output_dir={out}", "training.total_steps=8"),
+    done = subprocess.run([sys.executable, "-m", "sparse_pretrain", "--config", str(recipe),
+                           f"training.output_dir={out}", "training.total_steps=8"],
                           env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"training.output_dir: {out} holds a different run" in done.stderr

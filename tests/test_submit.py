@@ -13,7 +13,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.pipeline import load_pipeline
-from launcher.submit import format_status, stage_status, submit_pipeline, SubmitError
+from launcher.submit import PipelineActive, format_status, stage_status, submit_pipeline, SubmitError
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "configs" / "pipelines"
@@ -248,7 +248,8 @@ def test_submission_chains_dependencies_and_records_the_jobs(tmp_path):
     ids = {name: entry["job_id"] for name, entry in record["stages"].items()}
     assert ids == {"prepare": "101", "teacher": "102", "student": "103", "rt-teacher": "104", "rt-transfer": "105",
                    "rt-qat": "106", "rt-report": "107"}
-    deps = {c[-1].rsplit("/", 1)[1]: next((a for a in c if a.startswith("--dependency")), None) for c in fake.calls}
+    deps = {c[-1].rsplit("/", 1)[1]: next((a for a in c if a.startswith("--dependency")), None)
+            for c in fake.calls if c[0] == "sbatch"}
     assert deps["prepare.sbatch"] is None and deps["rt-teacher.sbatch"] is None
     assert deps["rt-transfer.sbatch"] == "--dependency=afterok:103:104"
     assert deps["rt-report.sbatch"] == "--dependency=afterok:106"
@@ -304,6 +305,219 @@ def test_status_reads_scontrol_and_falls_back_to_the_log(tmp_path):
     assert states["c"] == ("PENDING", "0", "Dependency")
     assert states["d"][0] == "CANCELLED" and "DependencyNeverSatisfied" in states["d"][2]
     assert "pipeline p" in format_status(record, rows)
+
+
+# -- idempotent submission: what SLURM still holds is never queued twice --------------------------
+
+class FakeQueue(FakeSlurm):
+    """A SLURM that remembers its jobs: sbatch queues a job (PENDING, named by the script's
+    ``--job-name``), ``squeue --user --name`` lists this user's jobs still queued, ``scontrol show job``
+    every job not yet forgotten, ``sacct`` answers from ``accounting`` (None: accounting disabled)."""
+
+    def __init__(self, accounting=None):
+        super().__init__()
+        self.jobs, self.forgotten, self.accounting = {}, set(), accounting
+
+    def __call__(self, args):
+        if args[0] == "sbatch":
+            done = super().__call__(args)
+            name = re.search(r"^#SBATCH --job-name=(\S+)", Path(args[-1]).read_text(), re.M).group(1)
+            self.jobs[str(self.next_id)] = {"name": name, "state": "PENDING", "reason": "None", "user": "me"}
+            return done
+        self.calls.append(args)
+        if args[0] == "squeue":
+            options = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+            assert options["--format"] == "%i|%T|%r|%j"
+            names = options["--name"].split(",")
+            lines = [f"{i}|{j['state']}|{j['reason']}|{j['name']}" for i, j in self.jobs.items()
+                     if j["user"] == options["--user"] and j["name"] in names and j["state"] in ("PENDING", "RUNNING")]
+            return subprocess.CompletedProcess(args, 0, "".join(line + "\n" for line in lines), "")
+        if args[:2] == ["scontrol", "show"]:
+            lines = [f"JobId={i} JobName={j['name']} JobState={j['state']} Reason={j['reason']}"
+                     for i, j in self.jobs.items() if i not in self.forgotten]
+            return subprocess.CompletedProcess(args, 0, "".join(line + "\n" for line in lines), "")
+        if args[0] == "sacct":
+            if self.accounting is None:
+                return subprocess.CompletedProcess(args, 1, "", "Slurm accounting storage is disabled\n")
+            ids = next(a for a in args if a.startswith("--jobs=")).split("=", 1)[1].split(",")
+            return subprocess.CompletedProcess(args, 0, "".join(f"{i}|{self.accounting[i]}\n" for i in ids
+                                                                if i in self.accounting), "")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    def set(self, job_id, state, reason="None"):
+        self.jobs[str(job_id)].update(state=state, reason=reason)
+
+
+@pytest.fixture
+def me(monkeypatch):
+    """The user that submits (squeue --user)."""
+    monkeypatch.setattr("getpass.getuser", lambda: "me")
+
+
+def sbatch_calls(fake) -> list[list[str]]:
+    return [c for c in fake.calls if c[0] == "sbatch"]
+
+
+def test_a_second_submit_is_refused_while_the_first_chain_is_queued(tmp_path, capsys, monkeypatch):
+    """The finding: `prune-ofa submit` twice queued a second chain into the same directories. Now the
+    second is refused (exit 2, one message naming each queued stage, its job id and state, and the ways
+    out), nothing is submitted and jobs.json is left as it was. SLURM's clients here are scripts on PATH
+    that answer like SLURM and log every call."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    next_id = tmp_path / "next_id"
+    next_id.write_text("100")
+    queue = tmp_path / "queue"           # what squeue prints: id|state|reason|name, one job per sbatch
+    queue.write_text("")
+    clients = {
+        "sbatch": f'echo "sbatch $*" >> {calls}\nid=$(( $(cat {next_id}) + 1 )); echo $id > {next_id}\n'
+                  f'name=$(sed -n "s/^#SBATCH --job-name=//p" "${{@: -1}}")\n'
+                  f'state=$([ $id = 101 ] && echo RUNNING || echo PENDING)\n'
+                  f'reason=$([ $id = 101 ] && echo None || echo Dependency)\n'
+                  f'echo "$id|$state|$reason|$name" >> {queue}\necho $id',
+        "squeue": f'echo "squeue $*" >> {calls}\ncat {queue}',
+        "scontrol": f'echo "scontrol $*" >> {calls}\n'
+                    f'while IFS="|" read id state reason name; do echo "JobId=$id JobName=$name JobState=$state '
+                    f'Reason=$reason"; done < {queue}',
+        "scancel": f'echo "scancel $*" >> {calls}'}
+    for name, body in clients.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    spec = spec_copy("minilm-rt.yaml", tmp_path)
+    assert main(["submit", "--pipeline", str(spec)]) == 0
+    capsys.readouterr()
+    jobs = tmp_path / "minilm-rt" / "slurm" / "jobs.json"
+    before = jobs.read_text()
+    assert calls.read_text().count("sbatch ") == 7
+
+    code = main(["submit", "--pipeline", str(spec)])
+    out = capsys.readouterr()
+    assert code == 2
+    assert out.out == "" and out.err.count("\n") == 1 and "Traceback" not in out.err, out.err
+    message = out.err
+    assert message.startswith("prune-ofa submit: pipeline minilm-rt is still queued: prepare (job 101, RUNNING), "
+                              "teacher (job 102, PENDING: Dependency), student (job 103, PENDING: Dependency)")
+    assert "rt-report (job 107, PENDING: Dependency)" in message
+    assert "scancel 101 102 103 104 105 106 107" in message and f"--pipeline {spec} --resume" in message
+    assert calls.read_text().count("sbatch ") == 7             # nothing more queued
+    assert jobs.read_text() == before                          # the record of what runs is kept
+    assert f"squeue --noheader --user={__import__('getpass').getuser()} --name=minilm-rt-prepare," in calls.read_text()
+
+
+def test_jobs_missing_from_jobs_json_are_found_by_name(tmp_path, me):
+    """jobs.json lost (or a submit interrupted before writing it): the jobs SLURM holds under the
+    pipeline's job names, for this user, still refuse a second chain; other users' jobs and other
+    pipelines' do not."""
+    pipeline = load_pipeline(spec_copy("minilm-rt.yaml", tmp_path))
+    fake = FakeQueue()
+    fake.jobs = {"7": {"name": "minilm-rt-teacher", "state": "RUNNING", "reason": "None", "user": "me"},
+                 "8": {"name": "minilm-rt-student", "state": "PENDING", "reason": "Dependency", "user": "me"},
+                 "9": {"name": "minilm-rt-rt-teacher", "state": "RUNNING", "reason": "None", "user": "someone"},
+                 "10": {"name": "other-teacher", "state": "RUNNING", "reason": "None", "user": "me"}}
+    assert not (pipeline.slurm_dir / "jobs.json").exists()
+    with pytest.raises(PipelineActive, match=r"still queued: teacher \(job 7, RUNNING\), student \(job 8, PENDING: "
+                                             r"Dependency\); submitting it again") as refused:
+        submit_pipeline(pipeline, run=fake, echo=lambda line: None)
+    assert "job 9" not in str(refused.value) and "job 10" not in str(refused.value)
+    assert sbatch_calls(fake) == [] and not pipeline.slurm_dir.exists()     # refused before anything is written
+
+    # --only goes through the same check: a stage still queued is not queued a second time ...
+    with pytest.raises(PipelineActive, match=r"--only: student \(job 8, PENDING: Dependency\) still queued"):
+        submit_pipeline(pipeline, only=["student", "rt-report"], run=fake, echo=lambda line: None)
+    # ... and the stages after it wait for the job found by name
+    record = submit_pipeline(pipeline, only=["rt-transfer"], run=fake, echo=lambda line: None)
+    assert sbatch_calls(fake)[0][2] == "--dependency=afterok:8"
+    assert record["stages"]["student"]["job_id"] == "8" and "squeue" in record["stages"]["student"]["found"]
+
+
+def test_resume_queues_only_the_stages_that_have_not_finished(tmp_path, me):
+    """--resume: finished stages (COMPLETED in sacct once scontrol forgot the job; forgotten by SLURM
+    but with the script's 'done' line in the log) are not resubmitted and nobody waits for them; a stage
+    still running is kept and its dependents wait for its job; failed and cancelled stages are queued
+    again, in order; jobs.json keeps every job."""
+    pipeline = load_pipeline(spec_copy("minilm-rt.yaml", tmp_path))
+    fake = FakeQueue(accounting={"101": "COMPLETED"})
+    submit_pipeline(pipeline, run=fake, echo=lambda line: None)
+    #  prepare 101, teacher 102, student 103, rt-teacher 104, rt-transfer 105, rt-qat 106, rt-report 107
+    fake.set(101, "COMPLETED")
+    fake.set(102, "COMPLETED")
+    fake.forgotten |= {"101", "102"}           # MinJobAge passed; only accounting knows 101
+    log = Path(json.loads((pipeline.slurm_dir / "jobs.json").read_text())["stages"]["teacher"]["log"])
+    log.write_text("prune-ofa: stage teacher start 1.0 job 102\nprune-ofa: stage teacher done 9.0\n")
+    fake.set(103, "RUNNING")
+    fake.set(104, "FAILED", "NonZeroExitCode")
+    for job in (105, 106, 107):
+        fake.set(job, "CANCELLED", "DependencyNeverSatisfied")
+    fake.calls.clear()
+    fake.next_id = 200
+
+    notes = []
+    record = submit_pipeline(pipeline, resume=True, run=fake, echo=notes.append)
+    queued = {c[-1].rsplit("/", 1)[1].removesuffix(".sbatch"): next((a for a in c if a.startswith("--dep")), None)
+              for c in sbatch_calls(fake)}
+    assert queued == {"rt-teacher": None,                                  # 201
+                      "rt-transfer": "--dependency=afterok:103:201",       # the running student's job
+                      "rt-qat": "--dependency=afterok:202", "rt-report": "--dependency=afterok:203"}
+    assert record["submitted"] == ["rt-teacher", "rt-transfer", "rt-qat", "rt-report"]
+    assert "prepare: finished (job 101 COMPLETED), not resubmitted" in notes
+    assert f"teacher: finished ('done' line in {log}), not resubmitted" in notes
+    assert "student: still queued (job 103, RUNNING), kept" in notes
+    saved = json.loads((pipeline.slurm_dir / "jobs.json").read_text())
+    assert {name: e["job_id"] for name, e in saved["stages"].items()} == {
+        "prepare": "101", "teacher": "102", "student": "103", "rt-teacher": "201", "rt-transfer": "202",
+        "rt-qat": "203", "rt-report": "204"}
+    assert [(e["stage"], e["job_id"]) for e in saved["history"]] == [
+        ("rt-teacher", "104"), ("rt-transfer", "105"), ("rt-qat", "106"), ("rt-report", "107")]
+
+    # everything queued or finished now: a second --resume queues nothing, a plain submit is refused
+    fake.calls.clear()
+    assert submit_pipeline(pipeline, resume=True, run=fake, echo=lambda line: None)["submitted"] == []
+    with pytest.raises(PipelineActive, match=r"student \(job 103, RUNNING\), rt-teacher \(job 201, PENDING\)"):
+        submit_pipeline(pipeline, run=fake, echo=lambda line: None)
+    assert sbatch_calls(fake) == []
+
+
+def test_resume_without_jobs_json_reads_the_newest_log_of_each_stage(tmp_path, me):
+    """No record and SLURM holds nothing: a stage has finished when its newest log (highest job id)
+    ends with the 'done' line; an older success does not count after a later failure."""
+    pipeline = load_pipeline(spec_copy("minilm-rt.yaml", tmp_path))
+    pipeline.log_dir.mkdir(parents=True)
+    for stage, job, done in (("prepare", 5, False), ("prepare", 12, True), ("teacher", 13, True),
+                             ("teacher", 20, False)):
+        done_line = f"prune-ofa: stage {stage} done 2.0\n" if done else ""
+        (pipeline.log_dir / f"minilm-rt-{stage}-{job}.out").write_text(f"prune-ofa: stage {stage} start 1.0\n{done_line}")
+    fake = FakeQueue()
+    record = submit_pipeline(pipeline, resume=True, run=fake, echo=lambda line: None)
+    assert record["submitted"] == ["teacher", "student", "rt-teacher", "rt-transfer", "rt-qat", "rt-report"]
+    assert "--dependency" not in " ".join(sbatch_calls(fake)[0])        # teacher: prepare has finished
+
+
+def test_resume_refuses_to_keep_a_job_that_waits_for_a_stage_that_must_run_again(tmp_path, me):
+    """A student still pending on a teacher that failed (no 'done' line) would never start: --resume
+    says to cancel it rather than queue a teacher it cannot see."""
+    pipeline = load_pipeline(spec_copy("minilm-rt.yaml", tmp_path))
+    fake = FakeQueue()
+    submit_pipeline(pipeline, run=fake, echo=lambda line: None)
+    for job, state in ((101, "COMPLETED"), (102, "FAILED"), (104, "COMPLETED"), (105, "CANCELLED"),
+                       (106, "CANCELLED"), (107, "CANCELLED")):
+        fake.set(job, state)
+    fake.set(103, "PENDING", "DependencyNeverSatisfied")
+    fake.calls.clear()
+    with pytest.raises(PipelineActive, match=r"--resume: student \(job 103, PENDING: DependencyNeverSatisfied\) "
+                                             r"waits for teacher, which has not finished and is not queued, so it "
+                                             r"can never start. Cancel it \(scancel 103\)"):
+        submit_pipeline(pipeline, resume=True, run=fake, echo=lambda line: None)
+    assert sbatch_calls(fake) == []
+
+
+def test_submit_cli_takes_resume_or_only_not_both(tmp_path, capsys):
+    spec = spec_copy("minilm-rt.yaml", tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["submit", "--pipeline", str(spec), "--resume", "--only", "rt-qat"])
+    assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert "--resume" in subprocess.run([sys.executable, "-m", "launcher.cli", "submit", "--help"], cwd=ROOT,
+                                        capture_output=True, text=True).stdout
 
 
 # -- a real SLURM cluster (tests/slurm_cluster.py): two emulated nodes on this machine ----------------
@@ -444,3 +658,51 @@ def test_a_failed_stage_cancels_its_dependents_on_slurm(slurm_cluster, tmp_path)
     done = subprocess.run([str(PRUNE_OFA), "status", "--jobs", str(tmp_path / "runs" / "slurm" / "jobs.json")],
                           env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
     assert re.search(r"^student +\d+ +CANCELLED .*DependencyNeverSatisfied", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.slow
+def test_a_second_submit_is_refused_and_resume_queues_only_what_ended_on_slurm(slurm_cluster, tmp_path):
+    """On a real SLURM: a pipeline whose first stage is held (nothing runs) is refused a second time
+    and squeue still shows one chain; once its second job is cancelled, --resume queues that stage
+    alone, waiting for the held job that is still queued."""
+    spec = tiny_spec(tmp_path, "twice", {
+        "first": {"kind": "report", "report": {"model": str(tmp_path / "model")}, "slurm": {"extra": ["--hold"]}},
+        "second": {"kind": "report", "after": ["first"], "report": {"model": "@first/model"}}})
+
+    def submit(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(PRUNE_OFA), "submit", "--pipeline", str(spec), *extra], env=slurm_cluster.env,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    def chain() -> list[str]:
+        done = subprocess.run(["squeue", "--noheader", "--format=%j %i"], env=slurm_cluster.env, capture_output=True,
+                              text=True, check=True)
+        return sorted(line for line in done.stdout.splitlines() if line.startswith("twice-"))
+
+    done = submit()
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = tmp_path / "runs" / "slurm" / "jobs.json"
+    ids = {name: e["job_id"] for name, e in json.loads(jobs.read_text())["stages"].items()}
+    try:
+        again = submit()
+        assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
+        assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr, again.stderr
+        assert (f"first (job {ids['first']}, PENDING: JobHeldUser), second (job {ids['second']}, PENDING: "
+                f"Dependency)") in again.stderr and f"scancel {ids['first']} {ids['second']}" in again.stderr
+        assert chain() == [f"twice-first {ids['first']}", f"twice-second {ids['second']}"]
+
+        subprocess.run(["scancel", ids["second"]], env=slurm_cluster.env, check=True)
+        assert slurm_cluster.wait(ids["second"], 30) == "CANCELLED"
+        resumed = submit("--resume")
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"first: still queued (job {ids['first']}, PENDING: JobHeldUser), kept" in resumed.stdout
+        assert "1 job(s) submitted" in resumed.stdout
+        record = json.loads(jobs.read_text())
+        second = record["stages"]["second"]["job_id"]
+        assert record["stages"]["first"]["job_id"] == ids["first"] and second != ids["second"]
+        assert [(e["stage"], e["job_id"]) for e in record["history"]] == [("second", ids["second"])]
+        assert slurm_cluster.job(second)["Dependency"] == f"afterok:{ids['first']}(unfulfilled)"
+        assert chain() == [f"twice-first {ids['first']}", f"twice-second {second}"]
+    finally:
+        queued = [line.split()[1] for line in chain()]
+        if queued:
+            subprocess.run(["scancel", *queued], env=slurm_cluster.env)
