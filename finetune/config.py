@@ -86,7 +86,7 @@ class TrainingConfig(Section):
     seed: NonNegativeInt = 42
     output_dir: Text = "runs/finetune"
     eval_batch_size: PositiveInt = 64
-    eval_every: Optional[PositiveInt] = None   # steps (None: at the end of every epoch)
+    eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: only at the end of training)
     save_every: Optional[PositiveInt] = None   # steps between save_state checkpoints (None: end of each epoch)
     discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.run_identity)
 

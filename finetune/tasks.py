@@ -90,7 +90,13 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
         suffix = Path(next(iter(data_files.values()))).suffix.lstrip(".")
         fmt = {"jsonl": "json", "tsv": "csv"}.get(suffix, suffix)
         kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
-        data = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+        try:
+            data = datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as err:   # e.g. splits with different columns
+            cause = err.__cause__ or err
+            raise ValueError(f"task.data_files: cannot read {data_files} as {fmt} "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); every split "
+                             "needs the same columns") from None
     elif spec.name == "rt-sentiment":
         data = load_rt_sentiment(seed=seed)
     elif spec.hub:
@@ -104,15 +110,16 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
 def check_columns(data, spec: TaskSpec) -> None:
     for split in [spec.train_split, *spec.eval_splits]:
         if split not in data:
-            raise ValueError(f"task {spec.name}: no {split!r} split (have {sorted(data)})")
+            raise ValueError(f"task.data_files: task {spec.name} needs a {split!r} split (have {sorted(data)})")
         missing = [c for c in (*spec.text_columns, spec.label_column) if c not in data[split].column_names]
         if missing:
-            raise ValueError(f"task {spec.name}: split {split!r} has no column(s) {missing} "
-                             f"(columns: {data[split].column_names})")
+            raise ValueError(f"task.text_columns / task.label_column: task {spec.name}: split {split!r} has no "
+                             f"column(s) {missing} (columns: {data[split].column_names})")
         labels = set(data[split].unique(spec.label_column))
         bad = sorted(x for x in labels if not (isinstance(x, (int, np.integer)) and 0 <= x < spec.num_labels))
         if bad:
-            raise ValueError(f"task {spec.name}: labels {bad[:5]} in {split!r} outside 0..{spec.num_labels - 1}")
+            raise ValueError(f"task.num_labels: task {spec.name}: labels {bad[:5]} in {split!r} are not integers "
+                             f"in 0..{spec.num_labels - 1} (map string labels to integers in the data files)")
 
 
 def check_teacher_labels(spec: TaskSpec, teacher_config) -> None:

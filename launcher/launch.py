@@ -558,7 +558,15 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
         previous = {s: signal.signal(s, on_signal) for s in FORWARDED_SIGNALS}
         keep_all, out = debug(), getattr(sys.stderr, "buffer", None)
         try:
-            stream, dropping = child.stderr.fileno(), False
+            stream, dropping, ended_line = child.stderr.fileno(), False, True
+
+            def forward(chunk: bytes) -> None:
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stderr.write(chunk.decode(errors="replace"))
+                    sys.stderr.flush()
             while True:
                 ready, _, _ = select.select([stream], [], [], 0.5)
                 if not ready:
@@ -568,15 +576,14 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
                 chunk = os.read(stream, 1 << 16)
                 if not chunk:
                     break
-                dropping = dropping or (failure_file.exists() and not keep_all)
+                if not dropping and failure_file.exists() and not keep_all:
+                    dropping = True
+                    if not ended_line:                 # a line cut by the drop (a print's text and its
+                        forward(b"\n")                # newline can come in two reads): end it here
                 if dropping:
                     continue
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stderr.write(chunk.decode(errors="replace"))
-                    sys.stderr.flush()
+                forward(chunk)
+                ended_line = chunk.endswith(b"\n")
             code = child.wait()
         finally:
             for s, handler in previous.items():

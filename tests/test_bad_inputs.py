@@ -811,3 +811,24 @@ def test_two_nodes_under_slurm_show_the_message_once(slurm_cluster, tmp_path_fac
         assert [line for line in log.splitlines() if key in line] != [] and "Traceback" not in log, log[-3000:]
         assert len([line for line in log.splitlines() if key in line]) == 1, log[-3000:]
         assert "ChildFailedError" not in log
+
+
+@pytest.mark.parametrize("case, rows, expected", [
+    ("splits-with-other-columns", {"validation": [{"text": "a film", "label": 1}]}, "task.data_files: cannot read"),
+    ("string-labels", {"train": [{"sentence": "a film", "label": "pos"}]}, "task.num_labels: task films: labels ['pos']"),
+    ("no-label-column", {"train": [{"sentence": "a film"}], "validation": [{"sentence": "a film"}]},
+     "task.text_columns / task.label_column:"),
+])
+def test_task_data_read_by_the_ranks_names_its_key(tmp_path, case, rows, expected):
+    """What only reading the task's files shows (columns, labels) is a ValueError naming the key,
+    which every entry point reports as one line (run_main); the files are read before any weights."""
+    from finetune.tasks import load_task, task_spec
+    files = {}
+    for split in ("train", "validation"):
+        data = rows.get(split, [{"sentence": "a good film", "label": 1}, {"sentence": "a bad film", "label": 0}])
+        (tmp_path / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in data))
+        files[split] = str(tmp_path / f"{split}.json")
+    with pytest.raises(ValueError) as err:
+        load_task(task_spec("films", ["sentence"], "label", 2), files)
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
