@@ -519,8 +519,10 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
       one that fails with a user error writes its message and exit code there
       (``sparse_pretrain.preflight.report_user_error``) and prints nothing.
     * The launcher's stderr (and the ranks', which inherit it) is passed through as it comes, until
-      that file exists: what follows is the consequence (other ranks torn down, the launcher's
-      ChildFailedError report) and is dropped; ``PRUNE_OFA_DEBUG=1`` keeps it. stdout is untouched.
+      the failing rank's sentinel line (``FAILURE_SENTINEL``, written right after it recorded the
+      failure): what follows is the consequence (other ranks torn down, the launcher's
+      ChildFailedError report) and is dropped; what came before, in the pipe's order, is kept.
+      ``PRUNE_OFA_DEBUG=1`` keeps everything. stdout is untouched.
     * Exit code: the recorded one when a rank recorded a user error, else the launcher's own
       (128 + N for a signal N, as a shell reports it).
     * Signals. Outside SLURM the child gets a process group of its own and this process forwards
@@ -536,7 +538,7 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
     import select
     import tempfile
 
-    from sparse_pretrain.preflight import FAILURE_FILE_ENV, debug, print_user_error, read_failure
+    from sparse_pretrain.preflight import FAILURE_FILE_ENV, FAILURE_SENTINEL, debug, print_user_error, read_failure
     in_slurm_job = bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
     with tempfile.TemporaryDirectory(prefix="prune-ofa-launch-") as tmp:
         failure_file = Path(tmp) / "failure.json"
@@ -558,7 +560,7 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
         previous = {s: signal.signal(s, on_signal) for s in FORWARDED_SIGNALS}
         keep_all, out = debug(), getattr(sys.stderr, "buffer", None)
         try:
-            stream, dropping, ended_line = child.stderr.fileno(), False, True
+            stream, dropping, ended_line, pending = child.stderr.fileno(), False, True, b""
 
             def forward(chunk: bytes) -> None:
                 if out is not None:
@@ -576,14 +578,30 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
                 chunk = os.read(stream, 1 << 16)
                 if not chunk:
                     break
-                if not dropping and failure_file.exists() and not keep_all:
-                    dropping = True
-                    if not ended_line:                 # a line cut by the drop (a print's text and its
-                        forward(b"\n")                # newline can come in two reads): end it here
                 if dropping:
                     continue
-                forward(chunk)
-                ended_line = chunk.endswith(b"\n")
+                tail, cut = pending + chunk, -1
+                if not keep_all:                       # the sentinel may straddle two reads
+                    cut = tail.find(FAILURE_SENTINEL)
+                if cut >= 0:                           # a rank recorded its failure: what came before
+                    dropping = True                    # is kept, the consequences are dropped
+                    kept = tail[:cut]
+                    if kept:
+                        forward(kept)
+                        ended_line = kept.endswith(b"\n")
+                    if not ended_line:                 # a line cut by the drop: end it here
+                        forward(b"\n")
+                    continue
+                # hold back the longest end of the stream that could start a sentinel; forward the rest
+                hold = 0 if keep_all else next((n for n in range(min(len(tail), len(FAILURE_SENTINEL) - 1), 0, -1)
+                                                if FAILURE_SENTINEL.startswith(tail[-n:])), 0)
+                keep = len(tail) - hold
+                if keep > 0:
+                    forward(tail[:keep])
+                    ended_line = tail[:keep].endswith(b"\n")
+                pending = tail[keep:]
+            if pending and not dropping:
+                forward(pending)
             code = child.wait()
         finally:
             for s, handler in previous.items():

@@ -158,10 +158,20 @@ def print_user_error(line: str, code: int = USER_ERROR_EXIT_CODE) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+#: written to stderr after a failure is recorded: ``prune-ofa launch`` keeps the stream up to it (in
+#: the pipe's order, so nothing a rank printed before its failure is lost) and drops what follows
+FAILURE_SENTINEL = b"\x1eprune-ofa: failure recorded\x1e\n"
+
+
 def report_user_error(prog: str, message: str, code: int = USER_ERROR_EXIT_CODE) -> None:
     """To ``prune-ofa launch`` through its failure file when it started this process, else printed."""
     failure_file = os.environ.get(FAILURE_FILE_ENV)
     if failure_file and record_failure(failure_file, message, code):
+        sys.stderr.flush()
+        try:
+            os.write(sys.stderr.fileno(), FAILURE_SENTINEL)   # one write: never split by a flush
+        except (OSError, ValueError, AttributeError):
+            pass
         return
     print_user_error(f"{prog}: {message}", code)
 

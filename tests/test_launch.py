@@ -524,3 +524,26 @@ def test_torchrun_deepspeed_and_accelerate_run_as_watched_children(monkeypatch):
         p = launch.LaunchPlan("pretrain", ["true"], {}, "d", {}, launcher, 1, 2, False)
         assert launch.run(p) == 5
     assert seen == [(["true"], "prune-ofa launch pretrain")] * 3
+
+
+SPLIT_SENTINEL = """
+import os, sys, time
+from sparse_pretrain.preflight import FAILURE_FILE_ENV, FAILURE_SENTINEL, record_failure
+record_failure(os.environ[FAILURE_FILE_ENV], "training.output_dir: a user error")
+half = len(FAILURE_SENTINEL) // 2
+os.write(2, b"kept line\\npartial" + FAILURE_SENTINEL[:half])      # a read ends inside the sentinel
+time.sleep(0.3)
+os.write(2, FAILURE_SENTINEL[half:] + b"Traceback (most recent call last):\\nChildFailedError\\n")
+sys.exit(1)
+"""
+
+
+def test_output_before_a_sentinel_cut_by_two_reads_is_kept_and_what_follows_dropped(capfd, monkeypatch):
+    from launcher.launch import run_watching_ranks
+    for key in ("RANK", "SLURM_PROCID", "SLURM_JOB_ID", "PRUNE_OFA_FAILURE_FILE", "PRUNE_OFA_DEBUG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    code = run_watching_ranks([sys.executable, "-c", SPLIT_SENTINEL], dict(os.environ), "prune-ofa launch pretrain")
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.splitlines() == ["kept line", "partial", "prune-ofa launch pretrain: training.output_dir: a user error"]
