@@ -48,16 +48,6 @@ NOT_IN_IDENTITY = (
 )
 
 
-def recipe_tree(recipe) -> dict:
-    """The recipe as nested plain values, whatever the config objects are: a pydantic model
-    (``model_dump``), an object with ``to_dict``, or dataclasses."""
-    if hasattr(recipe, "model_dump"):
-        return recipe.model_dump(mode="json")
-    if hasattr(recipe, "to_dict"):
-        return recipe.to_dict()
-    return dataclasses.asdict(recipe)
-
-
 def data_identity(task) -> dict:
     """The task data's identity: a digest of each local split file; the packaged RT file; else
     the hub task's name (its data is the hub's, named by ``task.name``)."""
@@ -74,7 +64,7 @@ def finetune_identity(recipe: FinetuneRecipe) -> dict:
     """What defines this fine-tuning (or QAT) run: every recipe key that changes results (all but
     :data:`NOT_IN_IDENTITY`), and the contents of the model, the teacher and the data. Cheap: a
     large weight file is read at both ends only."""
-    return run_identity(recipe_tree(recipe), NOT_IN_IDENTITY, {
+    return run_identity(recipe.to_dict(), NOT_IN_IDENTITY, {
         "model": model_identity(recipe.model.name_or_path),
         "teacher": model_identity(recipe.distillation.teacher), **data_identity(recipe.task)})
 
