@@ -10,7 +10,7 @@ AdamW step of the student:
   student, gather    the same loss with the MLM head applied to the masked positions only (see
                      "kd masked, gather"): what the student-only step could cost
   kd all             + the teacher's forward under inference mode and the trainer's loss,
-                     ``sparse_pretrain.distill.pretraining_distillation_loss`` with positions "all":
+                     ``sparse_pretrain.core.distill.pretraining_distillation_loss`` with positions "all":
                      both models project every non-padding position onto the vocabulary and the
                      soft cross-entropy runs over all of them (the reference code's choice, our
                      default)
@@ -20,7 +20,7 @@ AdamW step of the student:
   kd masked, gather  what "masked" could cost: the encoders run as before, then the hidden states of
                      the masked positions are gathered (``hidden[labels != -100]``) and only they go
                      through the MLM head (transform + vocabulary projection) of each model; the MLM
-                     loss and the KD term (``sparse_pretrain.distill.soft_cross_entropy``) are
+                     loss and the KD term (``sparse_pretrain.core.distill.soft_cross_entropy``) are
                      computed on those rows. Same losses as "student" and "kd masked" (checked in
                      eval mode before timing).
 
@@ -56,13 +56,13 @@ class Losses:
     """The loss of each variant, for one student/teacher pair."""
 
     def __init__(self, student, teacher, autocast):
-        from sparse_pretrain.distill import DistillationWeights
+        from sparse_pretrain.core.distill import DistillationWeights
         self.student, self.teacher, self.autocast = student, teacher, autocast
         self.all = DistillationWeights(positions="all")
         self.masked = DistillationWeights(positions="masked")
 
     def __call__(self, variant: str, batch: dict) -> torch.Tensor:
-        from sparse_pretrain.distill import (
+        from sparse_pretrain.core.distill import (
             pretraining_distillation_loss,
             soft_cross_entropy,
         )

@@ -37,7 +37,7 @@ ramp) and for the same target again (the masks in force come back unchanged: the
 ``policy_end`` and ``end``), and for reference ``WeightNormSparsifier.step()`` (its own
 norm-based masks, 1x1 blocks; our masks are put back after it).
 
-The ZeRO path (masks kept inside DeepSpeed's optimizer step by sparse_pretrain.zero_shards) is
+The ZeRO path (masks kept inside DeepSpeed's optimizer step by sparse_pretrain.zero.shards) is
 measured by bench/pretrain_step.py.
 
 One thread by default (``--threads``): with two threads on a shared 2-core machine every parallel
@@ -57,10 +57,10 @@ import time
 import torch
 
 from _mlm_bench import add_device_arguments, add_model_argument, build_model, device_setup, make_batch
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.masks import find_prunable, whole_parameters
-from sparse_pretrain.methods import build_method
-from sparse_pretrain.pruner import GradualPruner
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.masks import find_prunable, whole_parameters
+from sparse_pretrain.core.methods import build_method
+from sparse_pretrain.core.pruner import GradualPruner
 
 VARIANTS = ("dense", "ours", "nn.utils.prune", "ao.pruning")
 

@@ -5,7 +5,7 @@ pruned weight as ZeRO-3 splits it (contiguous flat ranges, the last one shorter)
 rank's part of the per-layer keep-masks at ``--sparsity``:
 
   collective         what GradualPruner.update_masks does: scores |w| of the shard, then ONE
-                     ``sparse_pretrain.threshold.keep_masks`` call for all layers (a radix select
+                     ``sparse_pretrain.core.threshold.keep_masks`` call for all layers (a radix select
                      over the float bit patterns; one all-reduce of 256-bin histograms per round,
                      4 rounds, for all layers together)
   collective/layer   the same search called once per layer (4 all-reduces per layer): only one
@@ -71,19 +71,19 @@ def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
 # -- the variants: each returns this rank's keep-masks, one per layer -------------------------------
 
 def collective(shards, offsets, sparsity):
-    from sparse_pretrain.threshold import ScoreShard, keep_masks
+    from sparse_pretrain.core.threshold import ScoreShard, keep_masks
     groups = [[ScoreShard(w.abs(), off)] for w, off in zip(shards, offsets)]
     return [g[0] for g in keep_masks(groups, sparsity, dist.all_reduce)]
 
 
 def collective_per_layer(shards, offsets, sparsity):
-    from sparse_pretrain.threshold import ScoreShard, keep_masks
+    from sparse_pretrain.core.threshold import ScoreShard, keep_masks
     return [keep_masks([[ScoreShard(w.abs(), off)]], sparsity, dist.all_reduce)[0][0]
             for w, off in zip(shards, offsets)]
 
 
 def gather_per_layer(shards, offsets, sparsity, numels):
-    from sparse_pretrain.threshold import pruned_count
+    from sparse_pretrain.core.threshold import pruned_count
     world = dist.get_world_size()
     masks = []
     for w, off, numel in zip(shards, offsets, numels):

@@ -1,4 +1,4 @@
-"""Cost of the exact threshold search (sparse_pretrain.threshold) against the whole-tensor ways.
+"""Cost of the exact threshold search (sparse_pretrain.core.threshold) against the whole-tensor ways.
 
 For BERT-Base- and BERT-Large-shaped layers, one process, median of several repetitions, all in one
 run so that the ratios are comparable:
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from sparse_pretrain.threshold import ScoreShard, keep_masks, pruned_count
+from sparse_pretrain.core.threshold import ScoreShard, keep_masks, pruned_count
 
 LAYERS = {"BERT-Base FFN 3072x768": (3072, 768), "BERT-Large FFN 4096x1024": (4096, 1024)}
 

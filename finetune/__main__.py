@@ -7,7 +7,7 @@ import sys
 
 from sparse_pretrain.preflight import check_recipe, run_main
 
-from .config import load_finetune_recipe
+from finetune.recipe import load_finetune_recipe
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     def body():
         recipe = load_finetune_recipe(args.config, args.overrides)
         check_recipe("qat" if recipe.qat.enabled else "finetune", recipe)   # before any weights load
-        from .trainer import run
+        from finetune.trainer import run
         run(recipe)
     return run_main(parser.prog, body)
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .tasks import TaskSpec, check_teacher_labels, classification_metrics, load_task, tokenize_classification
+from finetune.tasks.classification import TaskSpec, check_teacher_labels, classification_metrics, load_task, tokenize_classification
 
 
 @dataclass
@@ -106,7 +106,7 @@ class QuestionAnsweringHead:
         """Local files in the official SQuAD v1.1 format (split -> path), or the hub's ``squad``."""
         import datasets
 
-        from .squad import load_squad
+        from finetune.tasks.squad import load_squad
         if data_files:
             missing = [s for s in ("train", *self.eval_splits) if s not in data_files]
             if missing:
@@ -117,7 +117,7 @@ class QuestionAnsweringHead:
     def features(self, data, tokenizer) -> Features:
         from transformers import default_data_collator
 
-        from .squad import prepare_eval_features, prepare_train_features
+        from finetune.tasks.squad import prepare_eval_features, prepare_train_features
         args = {"tokenizer": tokenizer, "max_seq_length": self.max_seq_length, "doc_stride": self.doc_stride}
         train = data["train"].map(prepare_train_features, batched=True, fn_kwargs=args,
                                   remove_columns=data["train"].column_names)
@@ -138,7 +138,7 @@ class QuestionAnsweringHead:
     def evaluate(self, model, loader, split: str, gather=lambda x: x) -> dict:
         """Start/end logits of every window, gathered in order, decoded into one answer per question
         (n-best spans over all its windows) and scored with the official EM/F1."""
-        from .squad import postprocess_predictions, references_from, squad_metrics
+        from finetune.tasks.squad import postprocess_predictions, references_from, squad_metrics
         starts, ends = [], []
         for batch in loader:
             out = model(**batch)
@@ -155,7 +155,7 @@ def head_for(task) -> ClassificationHead | QuestionAnsweringHead:
     """The head of a recipe's ``task`` section."""
     if task.name == "squad":
         return QuestionAnsweringHead(task.max_seq_length, task.doc_stride, task.n_best_size, task.max_answer_length)
-    from .tasks import task_spec
+    from finetune.tasks.classification import task_spec
     return ClassificationHead(task_spec(task.name, task.text_columns, task.label_column, task.num_labels),
                               task.max_seq_length)
 

@@ -1,7 +1,7 @@
 """8-bit quantization-aware training of a (sparse) BERT encoder, Q8BERT style (Prune OFA, Appendix D).
 
 Every Linear of the encoder and the pooler (the layers the sparsity core prunes,
-:func:`sparse_pretrain.masks.find_prunable`) computes ``y = W_q x_q + b`` with
+:func:`sparse_pretrain.core.masks.find_prunable`) computes ``y = W_q x_q + b`` with
 
 - ``W_q``: int8 weights, symmetric (``[-127, 127]``, zero point 0, scale ``max|W| / 127``), per tensor
   or per output channel, the scale following the current weights at every forward;
@@ -68,8 +68,8 @@ from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
                                    MovingAveragePerChannelMinMaxObserver, QConfig)
 from torch.ao.quantization import convert as _ao_convert
 
-from sparse_pretrain.atomic import replacing_dir
-from sparse_pretrain.masks import DEFAULT_INCLUDE, find_prunable
+from sparse_pretrain.runtime.atomic import replacing_dir
+from sparse_pretrain.core.masks import DEFAULT_INCLUDE, find_prunable
 
 FORMAT = "prune-ofa-int8"
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ two are the same number and the sign of a pruned zero carries nothing).
 The *nominal* ratio is the paper's: fp32 dense bits over the bits of the nonzero values at the
 stored precision (90% sparse + int8 = 32 / (0.1 * 8) = 40x); it ignores the positions, scales and
 zero points a real format needs. Its "encoder" is the pruned set: the weight matrices of every
-Linear of the encoder and the pooler (:func:`sparse_pretrain.masks.find_prunable` with the recipe's
+Linear of the encoder and the pooler (:func:`sparse_pretrain.core.masks.find_prunable` with the recipe's
 default patterns), not biases, LayerNorm, embeddings or task heads. The whole-model figure counts
 every floating-point tensor of the checkpoint, the pruned ones by their nonzeros and the rest dense.
 """
@@ -38,8 +38,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from sparse_pretrain.atomic import replacing, write_text
-from sparse_pretrain.masks import (DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, find_prunable, pack_mask,
+from sparse_pretrain.runtime.atomic import replacing, write_text
+from sparse_pretrain.core.masks import (DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, find_prunable, pack_mask,
                                    unpack_mask)
 
 COMPACT_FORMAT = "prune-ofa-compact/1"

@@ -18,22 +18,22 @@ from pathlib import Path
 
 import torch
 
-from sparse_pretrain.atomic import replacing_dir, write_text
-from sparse_pretrain.config import check_against_model
-from sparse_pretrain.distill import soft_cross_entropy
-from sparse_pretrain.masks import find_prunable, whole_parameters
-from sparse_pretrain.pattern_lock import PatternLock
-from sparse_pretrain.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
-from sparse_pretrain.pruner import GradualPruner
-from sparse_pretrain.run_identity import (check_run, discard_run, files_identity, model_identity, record_run,
+from sparse_pretrain.runtime.atomic import replacing_dir, write_text
+from sparse_pretrain.recipe import check_against_model
+from sparse_pretrain.core.distill import soft_cross_entropy
+from sparse_pretrain.core.masks import find_prunable, whole_parameters
+from sparse_pretrain.core.pattern_lock import PatternLock
+from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
+from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.runtime.run_identity import (check_run, discard_run, files_identity, model_identity, record_run,
                                           run_identity)
 
-from .config import FinetuneRecipe
-from .heads import head_for
+from finetune.recipe import FinetuneRecipe
+from finetune.heads import head_for
 
 LABEL_COLUMNS = ("labels", "start_positions", "end_positions")
 
-#: Recipe keys left out of the run's identity (``sparse_pretrain/run_identity.py``): a run that differs
+#: Recipe keys left out of the run's identity (``sparse_pretrain/runtime/run_identity.py``): a run that differs
 #: only in these trains exactly the same weights, so it may resume the recorded one.
 NOT_IN_IDENTITY = (
     "training.output_dir",         # where the run writes (the directory the record is in)
@@ -55,7 +55,7 @@ def data_identity(task) -> dict:
         return {f"data.{split}": files_identity([paths] if isinstance(paths, (str, Path)) else list(paths))
                 for split, paths in sorted(task.data_files.items())}
     if task.name == "rt-sentiment":
-        from .tasks import rt_sentiment_path
+        from finetune.tasks.classification import rt_sentiment_path
         return {"data": files_identity([rt_sentiment_path()])}
     return {"data": f"hub:{task.name}"}
 
@@ -78,7 +78,7 @@ def make_accelerator(seed: int, logging_dir: Path | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
-    from launcher.rendezvous import export_torch_env
+    from sparse_pretrain.runtime.rendezvous import export_torch_env
     export_torch_env()            # srun started every rank: RANK, WORLD_SIZE, ... from SLURM's variables
     data = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     # the LR schedule counts optimizer steps of this loop (already per process); by default Accelerate
@@ -89,7 +89,7 @@ def make_accelerator(seed: int, logging_dir: Path | None = None):
         options.update(log_with="tensorboard",
                        project_config=ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from sparse_pretrain.ds_runtime import skip_cpu_shm_build
+        from sparse_pretrain.zero.runtime import skip_cpu_shm_build
         skip_cpu_shm_build()      # Accelerate's DeepSpeed plugin starts DeepSpeed's runtime: no ~60 s op build
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Accelerator(**options)
@@ -102,7 +102,7 @@ def pattern_lock_for(accelerator, model, prepared_model, min_sparsity: float):
     module (DDP), or in DeepSpeed's fp32 partitions through the optimizer's step hooks."""
     named = find_prunable(model)
     if accelerator.state.deepspeed_plugin is not None:
-        from sparse_pretrain.zero_shards import ZeroShards
+        from sparse_pretrain.zero.shards import ZeroShards
         engine = prepared_model
         names = {id(p): n for n, p in engine.module.named_parameters()}
         shards = ZeroShards(engine, [(names[id(p)], p) for _, p in named])
@@ -129,7 +129,7 @@ def pruner_for(accelerator, model, prepared_model, prune_recipe):
     method, schedule, scope = prune_recipe.pruning_method(), prune_recipe.gmp_schedule(), prune_recipe.pruning.scope
     if accelerator.state.deepspeed_plugin is None:
         return GradualPruner(whole_parameters(named), method, schedule, scope), None
-    from sparse_pretrain.zero_shards import ZeroShards
+    from sparse_pretrain.zero.shards import ZeroShards
     engine = prepared_model
     names = {id(p): n for n, p in engine.module.named_parameters()}
     shards = ZeroShards(engine, [(names[id(p)], p) for _, p in named])
@@ -214,7 +214,7 @@ def run(recipe: FinetuneRecipe) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
     model = head.model_class().from_pretrained(recipe.model.name_or_path, **head.model_kwargs())
     if recipe.qat.enabled:   # fake-quantized encoder Linears, weights still the same Parameters
-        from .quantization import prepare_qat
+        from finetune.quantization import prepare_qat
         prepare_qat(model, per_channel=recipe.qat.per_channel, reduce_range=recipe.qat.reduce_range)
     teacher = None
     if d.teacher:
@@ -375,7 +375,7 @@ def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch
     evaluate it on CPU; check that its int8 weights are zero exactly where the masks say."""
     from torch.utils.data import DataLoader
 
-    from .quantization import convert_to_int8, int8_modules, load_quantized, save_quantized
+    from finetune.quantization import convert_to_int8, int8_modules, load_quantized, save_quantized
     int8 = convert_to_int8(qat_model.cpu())
     save_quantized(int8, out_dir, tokenizer)
     reloaded = load_quantized(out_dir).eval()
@@ -406,8 +406,8 @@ def save_state(accelerator, state_dir: Path, step: int, lock, pruner=None, recor
     (a full disk, on any rank: ``any_rank`` tells them all), leaves the previous state complete and
     named by ``latest``: the failed part is removed at once, or by the next start.
     ``run``: ``(output_dir, identity)``, the run's record, written before its first state."""
-    from sparse_pretrain.atomic import torch_save
-    from sparse_pretrain.pause_points import pause
+    from sparse_pretrain.runtime.atomic import torch_save
+    from sparse_pretrain.runtime.pause_points import pause
     name = f"step_{step:08d}"
     partial, target = state_dir / f"{PARTIAL}{name}", state_dir / name
     failure = None

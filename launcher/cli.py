@@ -14,7 +14,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_schedule(args) -> int:
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.schedule_report import (describe, format_table, plot_schedule, schedule_rows,
                                                  table_steps)
     recipe = load_recipe(args.config, args.overrides)
@@ -42,7 +42,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.preflight import check_recipe
     recipe = load_recipe(args.config, args.overrides)
     check_recipe("pretrain", recipe)                 # paths, hub names, architecture: before any weights load
@@ -52,7 +52,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args, qat: bool = False) -> int:
-    from finetune.config import load_finetune_recipe
+    from finetune.recipe import load_finetune_recipe
     from sparse_pretrain.preflight import check_recipe
     overrides = list(args.overrides) + (["qat.enabled=true"] if qat else [])
     recipe = load_finetune_recipe(args.config, overrides)
@@ -64,7 +64,7 @@ def cmd_finetune(args, qat: bool = False) -> int:
 
 def cmd_prepare_data(args) -> int:
     """``sparse_pretrain.data.cli``'s prepare-data, after the preflight of what it reads."""
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.data.cli import cmd_prepare_data as prepare
     from sparse_pretrain.preflight import check_recipe
     overrides = list(args.overrides) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])

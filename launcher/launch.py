@@ -27,7 +27,7 @@ On one machine without GPUs torchrun rather than the deepspeed launcher: both st
 processes, but deepspeed's launcher takes twice as long to start (11-14 s against 6-7 s measured on
 2 cores) and is built around GPU slots. Inside SLURM with one task per node torchrun on GPUs too: it
 needs no hostfile and no ssh, only the address and port every node derives from SLURM's
-variables (``launcher.rendezvous``); ``--launcher deepspeed`` gives ``deepspeed --no_ssh --node_rank``
+variables (``sparse_pretrain.runtime.rendezvous``); ``--launcher deepspeed`` gives ``deepspeed --no_ssh --node_rank``
 with a hostfile each node writes for itself.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from .rendezvous import Rendezvous, from_slurm, local
+from sparse_pretrain.runtime.rendezvous import Rendezvous, from_slurm, local
 
 #: stage -> the module its processes run (None: one plain ``prune-ofa`` process)
 STAGES = {"pretrain": "sparse_pretrain", "finetune": "finetune", "qat": "finetune",
@@ -184,11 +184,11 @@ def hostfile_path(text: str) -> str:
 def _effective_config(stage: str, config: Optional[str], overrides: list[str]):
     """(the recipe object or None, its effective settings as a dict); bad recipes fail here."""
     if stage in ("pretrain", "prepare-data"):
-        from sparse_pretrain.config import load_recipe
+        from sparse_pretrain.recipe import load_recipe
         recipe = load_recipe(config, overrides)
         return recipe, recipe.to_dict()
     if stage in ("finetune", "qat"):
-        from finetune.config import load_finetune_recipe
+        from finetune.recipe import load_finetune_recipe
         recipe = load_finetune_recipe(config, overrides)
         return recipe, recipe.to_dict()
     return None, {"report_args": list(overrides)}
@@ -197,7 +197,7 @@ def _effective_config(stage: str, config: Optional[str], overrides: list[str]):
 def check_pretrain_batch(recipe, world_size: int) -> None:
     """The global batch must split into micro batches over the world size: the trainer's own check
     (``deepspeed_config`` raises ConfigError), run before any process starts."""
-    from sparse_pretrain.trainer import deepspeed_config
+    from sparse_pretrain.zero.config import deepspeed_config
     deepspeed_config(recipe, world_size, use_bf16=False)
 
 
@@ -422,7 +422,7 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
         argv += [python, *payload]
         env = dict(accelerate_env)
         description = (f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each "
-                       f"becomes a rank from SLURM's variables (launcher.rendezvous.export_torch_env)")
+                       f"becomes a rank from SLURM's variables (sparse_pretrain.runtime.rendezvous.export_torch_env)")
     elif where == "hosts":
         if finetune:
             raise ValueError("finetune/qat on several hosts outside SLURM is not supported: accelerate starts "

@@ -15,7 +15,7 @@ in a stage's overrides or report arguments is ``output_root/<stage>/<path>`` of 
 :func:`load_pipeline` validates everything it can before a job is queued and raises
 :class:`PipelineError` naming the dotted key (``stages.teacher.slurm.gpus_per_node: ...``). The spec
 as written is a declarative schema (:class:`PipelineSpec`, :class:`StageSpec`, :class:`Resources`,
-in the terms of :mod:`sparse_pretrain.schema`: unknown keys, types, ranges, rules between keys); a
+in the terms of :mod:`sparse_pretrain.runtime.schema`: unknown keys, types, ranges, rules between keys); a
 stage's ``slurm`` keys are validated as :class:`Resources` once merged over the spec's defaults.
 What needs the other stages or the file system comes next: unknown or missing upstream stages,
 cycles, references, recipes that do not load, requests the partition or the launcher cannot satisfy.
@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BeforeValidator, Field, Strict, StrictInt, field_validator, model_validator
 
-from sparse_pretrain.schema import Flag, NonNegativeInt, Section, Text, rule, validated
+from sparse_pretrain.runtime.schema import Flag, NonNegativeInt, Section, Text, rule, validated
 
-from .launch import LAUNCHERS
+from launcher.launch import LAUNCHERS
 
 KINDS = ("prepare-data", "pretrain", "finetune", "qat", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "qat")          # long runs: checkpoint, requeue on preemption
@@ -408,7 +408,7 @@ def check_stage(stage: Stage, check_partition: bool = True) -> None:
     recipe loads with the overrides, the GPUs per node fit the partition (``partition_gpus``, else
     ``sinfo``), the global batch splits over the world size, the launcher suits the stage. Nothing
     runs; a problem raises :class:`PipelineError` naming the stage."""
-    from .launch import LaunchRequest, build_plan
+    from launcher.launch import LaunchRequest, build_plan
     r = stage.resources
     if stage.kind in ("prepare-data", "report") and r.nodes > 1:
         raise PipelineError(f"stages.{stage.name}.slurm.nodes: {stage.kind} runs on one node, got {r.nodes}")
@@ -431,7 +431,7 @@ def check_stage(stage: Stage, check_partition: bool = True) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _sinfo_gpus(partition: str):
-    from .launch import partition_gpus
+    from launcher.launch import partition_gpus
     return partition_gpus(partition)
 
 

@@ -20,7 +20,7 @@ Each script runs one task per node (``srun --ntasks-per-node=1``) of ``prune-ofa
 starts the local processes (one per GPU, or ``processes_per_node`` on CPU nodes) and derives the
 rendezvous from SLURM's environment. Training stages are requeueable: SLURM's warning signal becomes
 a stop file, the trainer checkpoints and exits with 75, and the script requeues the job
-(``sparse_pretrain.preemption``).
+(``sparse_pretrain.runtime.preemption``).
 """
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .pipeline import Pipeline, Stage
+from launcher.pipeline import Pipeline, Stage
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "stage.sbatch.in"
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATE = SLURM_DIR / "stage.sbatch.in"
+#: the bash side of preemption (USR1 -> stop file -> exit 75 -> requeue; sparse_pretrain/runtime/preemption.py)
+PREEMPTION_SNIPPET = SLURM_DIR / "preemption.sh"
 #: states in which a job may still run (a dependency on it can still be satisfied)
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT")
@@ -110,7 +113,7 @@ def command_argv(stage: Stage) -> list[str]:
 
 def _command_text(stage: Stage) -> str:
     """srun on one line, the launch command on the next, one override per line after it; training
-    stages run it through the preemption function (``sparse_pretrain.preemption``)."""
+    stages run it through the preemption function (``sparse_pretrain.runtime.preemption``)."""
     groups = launch_command(stage)
     lines = [shlex.join(srun_command(stage)), "    " + shlex.join(groups[0])]
     lines += ["        " + shlex.join(group) for group in groups[1:]]
@@ -131,7 +134,6 @@ def render_script(pipeline: Pipeline, stage: Stage) -> str:
     requeue = [f"--signal=B:USR1@{r.signal_seconds}", "--requeue"] if stage.requeue else ["--no-requeue"]
     setup = r.setup_lines() + [f"export {k}={shlex.quote(str(v))}" for k, v in r.env.items()]
     if stage.requeue:
-        from sparse_pretrain.preemption import requeue_snippet
         setup.append(f"export PRUNE_OFA_STOP_FILE={shlex.quote(str(stage.output_dir / 'STOP'))}")
         preemption = requeue_snippet().rstrip("\n")
     else:
@@ -149,6 +151,11 @@ def render_script(pipeline: Pipeline, stage: Stage) -> str:
         "setup": "\n".join(setup), "preemption": preemption, "run": _command_text(stage),
     }
     return fill_template(TEMPLATE.read_text(), values)
+
+
+def requeue_snippet() -> str:
+    """The bash function ``prune_ofa_preemptible OUTPUT_DIR COMMAND...`` a preemptible stage runs under."""
+    return PREEMPTION_SNIPPET.read_text()
 
 
 def fill_template(text: str, values: dict[str, str]) -> str:

@@ -5,8 +5,8 @@ process with exit code 2 (``preflight.run_main``); a programming error keeps its
 import argparse
 import sys
 
-from .config import load_recipe
-from .preflight import check_recipe, run_main
+from sparse_pretrain.recipe import load_recipe
+from sparse_pretrain.preflight import check_recipe, run_main
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     def body():
         recipe = load_recipe(args.config, args.overrides)
         check_recipe("pretrain", recipe)            # paths, hub names, architecture: before any weights load
-        from .trainer import run
+        from sparse_pretrain.trainer import run
         run(recipe)
     return run_main(parser.prog, body)
 

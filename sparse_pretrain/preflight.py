@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError
+from sparse_pretrain.recipe import ConfigError
 
 #: names the file where the first rank that fails with a user error records it (set by prune-ofa launch)
 FAILURE_FILE_ENV = "PRUNE_OFA_FAILURE_FILE"
@@ -425,7 +425,7 @@ def pruned_weight_sparsity(model_dir: str | Path) -> Optional[float]:
     import torch
     from safetensors import safe_open
 
-    from .masks import DEFAULT_INCLUDE
+    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
     model_dir = Path(model_dir)
     if (model_dir / SAFE_INDEX).is_file():
         shards = sorted(set(json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"].values()))
@@ -475,7 +475,7 @@ def pretraining_class(key: str, config, nsp: bool):
 def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
     """Everything a pre-training run (``prepare_only``: ``prune-ofa prepare-data``) reads. Sets
     ``recipe.model.attn_implementation`` to one the model supports; returns the overrides it applied."""
-    from .data.prepare import NSP_MODEL_TYPES
+    from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
     m, d, t = recipe.model, recipe.data, recipe.training
     tokenizer_key = "data.tokenizer_name_or_path" if d.tokenizer_name_or_path else "model.name_or_path"
     student = model_source("model.name_or_path", m.name_or_path, weights=not prepare_only)
@@ -524,7 +524,7 @@ def check_pruning_on_skeleton(recipe, cls, config) -> None:
     (no memory, no weights): the pre-training recipe's own check (check_against_model)."""
     import torch
 
-    from .config import check_against_model
+    from sparse_pretrain.recipe import check_against_model
     import copy
     with torch.device("meta"):
         skeleton = cls._from_config(copy.deepcopy(config), attn_implementation="eager")
@@ -534,7 +534,7 @@ def check_pruning_on_skeleton(recipe, cls, config) -> None:
 def check_finetune(recipe) -> list[str]:
     """Everything a fine-tuning or QAT run reads: the task's data files, the model and its tokenizer,
     the teacher, the heads transformers has for them, pattern-lock's sparse model."""
-    from finetune.tasks import TASKS, task_spec
+    from finetune.tasks.classification import TASKS, task_spec
     task, m, d = recipe.task, recipe.model, recipe.distillation
     squad = task.name == "squad"
     if not squad:

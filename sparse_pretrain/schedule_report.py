@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import replacing
-from .config import Recipe
+from sparse_pretrain.runtime.atomic import replacing
+from sparse_pretrain.recipe import Recipe
 
 
 def table_steps(recipe: Recipe) -> list[int]:

@@ -22,49 +22,23 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, run_identity
-from .atomic import write_text
-from .config import ConfigError, Recipe, check_against_model
-from .distill import pretraining_distillation_loss
-from .ds_runtime import init_distributed
-from .export import export_model, gather_fp32_state_dict
-from .monitor import Monitor, flops_per_token, peak_tflops
-from .pause_points import pause
-from .preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
-from .pruner import GradualPruner
-from .zero_shards import ZeroShards, set_full_weights
+from sparse_pretrain.zero import checkpoint
+from sparse_pretrain.runtime import run_identity
+from sparse_pretrain.runtime.atomic import write_text
+from sparse_pretrain.recipe import ConfigError, Recipe, check_against_model
+from sparse_pretrain.core.distill import pretraining_distillation_loss
+from sparse_pretrain.zero.config import deepspeed_config
+from sparse_pretrain.zero.runtime import init_distributed
+from sparse_pretrain.zero.export import export_model, gather_fp32_state_dict
+from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
+from sparse_pretrain.runtime.pause_points import pause
+from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
+from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.zero.shards import ZeroShards, set_full_weights
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- setup helpers ----------------------------------------------------------------------------------
-
-def deepspeed_config(recipe: Recipe, world_size: int, use_bf16: bool) -> dict:
-    """The recipe's DeepSpeed JSON with every "auto" filled and the batch arithmetic checked."""
-    t = recipe.training
-    path = Path(t.deepspeed_config)
-    if not path.is_file() and (PROJECT_ROOT / path).is_file():
-        path = PROJECT_ROOT / path
-    if not path.is_file():
-        raise ConfigError(f"training.deepspeed_config: no such file {t.deepspeed_config!r}")
-    config = json.loads(path.read_text())
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}")
-    config.update(train_batch_size=t.global_batch_size, train_micro_batch_size_per_gpu=t.micro_batch_size,
-                  gradient_accumulation_steps=t.global_batch_size // per_step, gradient_clipping=t.max_grad_norm)
-    config["bf16"] = {"enabled": use_bf16}
-    zero = config.setdefault("zero_optimization", {})
-    if t.zero_stage is not None:
-        zero["stage"] = t.zero_stage
-    if t.zero3_persistence_threshold is not None:
-        zero["stage3_param_persistence_threshold"] = t.zero3_persistence_threshold
-    if zero.get("stage", 0) != 3:
-        for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
-            zero.pop(key)
-    return config
-
 
 def model_class(nsp: bool):
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
@@ -112,7 +86,7 @@ def evaluate(engine, held_out, collator, batch_size: int, max_batches: int, seed
              rank: int, world: int) -> dict[str, float]:
     """Masked-LM accuracy and perplexity on held-out rows, with fixed masks. Every rank runs the same
     number of forwards (ZeRO-3 gathers parameters collectively); surplus forwards count zero."""
-    from .data.batches import PretrainingRows, evaluation_batches
+    from sparse_pretrain.data.batches import PretrainingRows, evaluation_batches
     batches = evaluation_batches(len(held_out), batch_size, seed)[:max_batches]
     rows = PretrainingRows(held_out)
     per_rank = math.ceil(len(batches) / world)
@@ -143,9 +117,9 @@ def run(recipe: Recipe) -> Path:
     import deepspeed
     from torch.utils.data import DataLoader
 
-    from .data.batches import PretrainingBatches, PretrainingRows
-    from .data.collator import MaskingCollator
-    from .data.prepare import load_prepared, load_tokenizer, prepared_path, resolve_nsp
+    from sparse_pretrain.data.batches import PretrainingBatches, PretrainingRows
+    from sparse_pretrain.data.collator import MaskingCollator
+    from sparse_pretrain.data.prepare import load_prepared, load_tokenizer, prepared_path, resolve_nsp
 
     t, student_stage = recipe.training, recipe.stage == "student"
     output_dir = Path(t.output_dir)

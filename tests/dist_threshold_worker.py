@@ -5,10 +5,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.masks import PrunedParameter
-from sparse_pretrain.methods import build_method
-from sparse_pretrain.pruner import GradualPruner
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.masks import PrunedParameter
+from sparse_pretrain.core.methods import build_method
+from sparse_pretrain.core.pruner import GradualPruner
 
 
 def main(out_dir: str, scope: str) -> None:

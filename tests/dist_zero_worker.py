@@ -7,13 +7,13 @@ import torch
 import torch.distributed as dist
 from transformers import BertConfig, BertForPreTraining
 
-from sparse_pretrain.ds_runtime import init_distributed
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.masks import PrunedParameter, find_prunable
-from sparse_pretrain.methods import build_method
-from sparse_pretrain.pruner import GradualPruner
-from sparse_pretrain.threshold import pruned_count
-from sparse_pretrain.zero_shards import ZeroShards
+from sparse_pretrain.zero.runtime import init_distributed
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.masks import PrunedParameter, find_prunable
+from sparse_pretrain.core.methods import build_method
+from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.core.threshold import pruned_count
+from sparse_pretrain.zero.shards import ZeroShards
 
 
 def gather_full_masks(pruner):

@@ -1,4 +1,4 @@
-"""Atomic writes (sparse_pretrain/atomic.py): a file or a directory is either the old one or the
+"""Atomic writes (sparse_pretrain/runtime/atomic.py): a file or a directory is either the old one or the
 complete new one, after an exception and after a SIGKILL in the middle of writing."""
 import os
 import signal
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_pretrain.atomic import replacing, replacing_dir, write_text
+from sparse_pretrain.runtime.atomic import replacing, replacing_dir, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_a_failed_directory_write_keeps_the_old_directory(tmp_path):
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from sparse_pretrain.atomic import replacing, replacing_dir
+from sparse_pretrain.runtime.atomic import replacing, replacing_dir
 kind, target = sys.argv[1], sys.argv[2]
 with (replacing(target) if kind == "file" else replacing_dir(target)) as tmp:
     if kind == "file":

@@ -478,7 +478,7 @@ def test_submit_inputs(assets, capsys, tmp_path, edits, expected):
     """A pipeline spec with one bad entry: refused before any script is written."""
     from launcher.cli import main
 
-    from sparse_pretrain.config import apply_overrides
+    from sparse_pretrain.recipe import apply_overrides
     spec = apply_overrides(yaml.safe_load(assets.pipeline.read_text()), edits)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -497,8 +497,8 @@ def test_submit_missing_pipeline(assets, capsys):
 
 def test_the_base_recipes_pass_the_preflight(assets):
     """Each case above changes one thing in recipes that pass: the bad thing is what fails."""
-    from finetune.config import load_finetune_recipe
-    from sparse_pretrain.config import load_recipe
+    from finetune.recipe import load_finetune_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.preflight import check_recipe
     assert check_recipe("pretrain", load_recipe(assets.pretrain)) == []
     assert check_recipe("prepare-data", load_recipe(assets.pretrain)) == []
@@ -518,7 +518,7 @@ def test_attention_falls_back_to_one_the_model_supports(assets, capsys, monkeypa
 
     import launcher.launch
     from launcher.cli import main
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.preflight import check_recipe
     config = DebertaV2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                              vocab_size=30522, max_position_embeddings=64)
@@ -560,7 +560,7 @@ def test_a_staged_hub_model_is_used_offline(assets, capsys, monkeypatch, tmp_pat
     import huggingface_hub.constants
 
     from launcher.cli import main
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.preflight import check_recipe
     cache = _hub_cache(tmp_path / "hub", "acme/tiny-bert", assets.bert,
                        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
@@ -581,7 +581,7 @@ def test_pattern_lock_accepts_a_sparse_model(assets, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from finetune.config import load_finetune_recipe
+    from finetune.recipe import load_finetune_recipe
     from sparse_pretrain.preflight import check_recipe, pruned_weight_sparsity
     sparse = tmp_path / "sparse"
     shutil.copytree(assets.bert, sparse)
@@ -601,7 +601,7 @@ def test_pattern_lock_accepts_a_sparse_model(assets, tmp_path):
 def test_user_errors_are_one_line_programming_errors_keep_their_traceback(capsys, monkeypatch):
     from fractions import Fraction
 
-    from sparse_pretrain.config import ConfigError
+    from sparse_pretrain.recipe import ConfigError
     from sparse_pretrain.preflight import UserError, run_main
 
     def raising(err):
@@ -822,7 +822,7 @@ def test_two_nodes_under_slurm_show_the_message_once(slurm_cluster, tmp_path_fac
 def test_task_data_read_by_the_ranks_names_its_key(tmp_path, case, rows, expected):
     """What only reading the task's files shows (columns, labels) is a ValueError naming the key,
     which every entry point reports as one line (run_main); the files are read before any weights."""
-    from finetune.tasks import load_task, task_spec
+    from finetune.tasks.classification import load_task, task_spec
     files = {}
     for split in ("train", "validation"):
         data = rows.get(split, [{"sentence": "a good film", "label": 1}, {"sentence": "a bad film", "label": 0}])

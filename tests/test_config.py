@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining
 
-from sparse_pretrain.config import ConfigError, check_against_model, load_recipe, recipe_from_dict
+from sparse_pretrain.recipe import ConfigError, check_against_model, load_recipe, recipe_from_dict
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 PAPER_STUDENTS = {"bert-base-uncased-85": 0.85, "bert-base-uncased-90": 0.9, "bert-large-uncased-90": 0.9,

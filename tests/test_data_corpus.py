@@ -7,11 +7,11 @@ import tarfile
 
 import pytest
 
-from sparse_pretrain.data import corpus
+from sparse_pretrain.data.corpus import materialize as corpus
 from sparse_pretrain.data.cli import add_data_commands, main
-from sparse_pretrain.data.corpus import (SourceUnavailable, austen_chapters, extract_deb, materialize_corpus,
+from sparse_pretrain.data.corpus.materialize import (SourceUnavailable, austen_chapters, extract_deb, materialize_corpus,
                                          wiki_documents, wordnet_documents)
-from sparse_pretrain.data.wikimarkup import clean_wikitext
+from sparse_pretrain.data.corpus.wikimarkup import clean_wikitext
 
 ARTICLE = """{{Infobox person|name=Ada|birth_date={{birth date|1815|12|10}}}}
 '''Augusta Ada King''' (; 10 December 1815 – 27 November 1852) was an [[England|English]] \

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sparse_pretrain.distill import (DistillationWeights, kd_positions, pretraining_distillation_loss,
+from sparse_pretrain.core.distill import (DistillationWeights, kd_positions, pretraining_distillation_loss,
                                      soft_cross_entropy, token_kd_loss)
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.masks import PrunedParameter
-from sparse_pretrain.methods import build_method
-from sparse_pretrain.pruner import GradualPruner
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.masks import PrunedParameter
+from sparse_pretrain.core.methods import build_method
+from sparse_pretrain.core.pruner import GradualPruner
 
 HERE = Path(__file__).parent
 

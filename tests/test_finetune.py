@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 def tiny_classifier(out: Path, num_labels=2, sparsity=None, seed=0, head_scale=1.0):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    from sparse_pretrain.masks import find_prunable
-    from sparse_pretrain.threshold import pruned_count
+    from sparse_pretrain.core.masks import find_prunable
+    from sparse_pretrain.core.threshold import pruned_count
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     torch.manual_seed(seed)
     model = BertForSequenceClassification(BertConfig(
@@ -38,7 +38,7 @@ def tiny_classifier(out: Path, num_labels=2, sparsity=None, seed=0, head_scale=1
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from finetune.tasks import load_rt_sentiment
+    from finetune.tasks.classification import load_rt_sentiment
     root = tmp_path_factory.mktemp("finetune")
     rt = load_rt_sentiment(seed=0)
     files = {}
@@ -84,7 +84,7 @@ def launch(recipe, out, *flags, extra=(), extensions_dir=None):
 
 def zeros_of(model_dir):
     from safetensors.torch import load_file
-    from sparse_pretrain.masks import DEFAULT_INCLUDE
+    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
     import re
     state = load_file(Path(model_dir) / "model.safetensors")
     return {k: v == 0 for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
@@ -178,7 +178,7 @@ def test_qat_keeps_zeros_and_the_int8_export_reproduces_fake_quant_metrics(setup
 def test_mnli_from_local_files_is_scored_on_matched_and_mismatched(setup):
     """MNLI's schema from local JSON files: three labels, two evaluation splits, both scored; the dense
     path (no pattern-lock, no KD) is the task teacher's."""
-    from finetune.tasks import load_rt_sentiment
+    from finetune.tasks.classification import load_rt_sentiment
     root = setup[0] / "mnli"
     root.mkdir()
     rt = load_rt_sentiment(seed=0)["train"]
@@ -206,7 +206,7 @@ def test_mnli_from_local_files_is_scored_on_matched_and_mismatched(setup):
 
 
 def test_preemption_request_saves_exits_75_and_the_rerun_finishes_the_same(setup):
-    """SLURM's warning signal reaches the trainer as the stop file (sparse_pretrain/preemption.py):
+    """SLURM's warning signal reaches the trainer as the stop file (sparse_pretrain/runtime/preemption.py):
     it saves its state at that step, writes PREEMPTED and exits 75 (the batch script then requeues);
     the requeued run resumes and ends with the weights of an uninterrupted run."""
     root, recipe, student, teacher = setup

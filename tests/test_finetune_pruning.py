@@ -11,10 +11,10 @@ import torch
 from pretrain_fixtures import env
 from test_finetune import launch, run_single, setup, tiny_classifier, zeros_of  # noqa: F401 (setup: fixture)
 
-from finetune.config import load_finetune_recipe
-from sparse_pretrain.config import ConfigError
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.threshold import pruned_count
+from finetune.recipe import load_finetune_recipe
+from sparse_pretrain.recipe import ConfigError
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.threshold import pruned_count
 
 SCHEDULE = {"final_sparsity": 0.8, "start": 0, "policy_end": 24, "end": 32, "interval": 4}
 

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from finetune.quantization import (Int8Linear, TrainOnlyFakeQuantize, convert_to_int8,
                                    int8_modules, load_quantized, prepare_qat, qat_modules,
                                    quantized_layer_report, save_quantized)
-from sparse_pretrain.masks import find_prunable
-from sparse_pretrain.pattern_lock import PatternLock
+from sparse_pretrain.core.masks import find_prunable
+from sparse_pretrain.core.pattern_lock import PatternLock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from finetune.report import (QuantizedWeight, build_report, format_markdown, load_compact, load_state,
                              tensor_bytes, write_compact, write_report)
-from sparse_pretrain.masks import find_prunable
+from sparse_pretrain.core.masks import find_prunable
 
 SPARSITY = 0.9
 

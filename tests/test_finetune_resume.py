@@ -28,7 +28,7 @@ SHORT = ["training.max_steps=8", "training.save_every=4", "training.learning_rat
 
 def run_here(recipe, out, *overrides):
     """The trainer in this process, as ``python -m finetune --config RECIPE out overrides`` runs it."""
-    from finetune.config import load_finetune_recipe
+    from finetune.recipe import load_finetune_recipe
     from finetune.trainer import run
     return run(load_finetune_recipe(str(recipe), [f"training.output_dir={out}", *overrides]))
 
@@ -166,7 +166,7 @@ def test_a_full_disk_while_saving_leaves_the_previous_state_complete(setup, stra
 def test_run_identity_is_what_changes_results(setup, tmp_path):  # noqa: F811
     """Keys that only say where or how often to write or evaluate leave the identity alone; the
     inputs count by content (a moved copy of the data is the same run, an edited file another)."""
-    from finetune.config import load_finetune_recipe
+    from finetune.recipe import load_finetune_recipe
     from finetune.trainer import finetune_identity
     root, recipe, _, _ = setup
     base = finetune_identity(load_finetune_recipe(str(recipe), ["training.output_dir=a"]))
@@ -209,7 +209,7 @@ def test_a_different_run_is_refused_before_anything_loads_and_can_be_discarded(s
         patched.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
         patched.setattr(transformers.PreTrainedModel, "from_pretrained", no_loading)
         patched.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", no_loading)
-        from sparse_pretrain.config import ConfigError
+        from sparse_pretrain.recipe import ConfigError
         with pytest.raises(ConfigError) as refused:
             run_here(recipe, out, *SHORT)
     message = str(refused.value)

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from finetune.squad import (
+from finetune.tasks.squad import (
     exact_match_score,
     f1_score,
     load_squad,

@@ -20,8 +20,8 @@ SQUAD = str(Path(__file__).parent / "data" / "squad_tiny.json")
 
 def tiny_qa_model(out: Path, sparsity=None, seed=0):
     from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
-    from sparse_pretrain.masks import find_prunable
-    from sparse_pretrain.threshold import pruned_count
+    from sparse_pretrain.core.masks import find_prunable
+    from sparse_pretrain.core.threshold import pruned_count
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     torch.manual_seed(seed)
     model = BertForQuestionAnswering(BertConfig(
@@ -69,7 +69,7 @@ def evaluate_in_one_process(model_dir):
     """EM/F1 of an exported QA model, computed here without Accelerate."""
     from torch.utils.data import DataLoader
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-    from finetune.config import TaskConfig
+    from finetune.recipe import TaskConfig
     from finetune.heads import head_for
     head = head_for(TaskConfig(name="squad", data_files={}, max_seq_length=64, doc_stride=24))
     features = head.features(head.load({"train": SQUAD, "validation": SQUAD}, seed=0),

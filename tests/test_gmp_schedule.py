@@ -1,6 +1,6 @@
 import pytest
 
-from sparse_pretrain.gmp_schedule import GMPClock, GMPSchedule, cubic_sparsity
+from sparse_pretrain.core.gmp_schedule import GMPClock, GMPSchedule, cubic_sparsity
 
 PAPER = dict(start=0, policy_end=50_000, end=80_000, interval=1_000)
 

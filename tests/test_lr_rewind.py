@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparse_pretrain.lr_rewind import RewoundLinearLR, rewound_lr_scheduler
+from sparse_pretrain.core.lr_rewind import RewoundLinearLR, rewound_lr_scheduler
 
 T, W, TS, TE, F = 100_000, 1_000, 0, 50_000, 1_000
 P = TE - TS

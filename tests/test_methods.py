@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sparse_pretrain.methods import (PRUNING_METHODS, BlockMagnitude, NMMagnitude, build_method,
+from sparse_pretrain.core.methods import (PRUNING_METHODS, BlockMagnitude, NMMagnitude, build_method,
                                      is_valid_block_pattern, is_valid_nm)
-from sparse_pretrain.threshold import ScoreShard, keep_masks, pruned_count
+from sparse_pretrain.core.threshold import ScoreShard, keep_masks, pruned_count
 
 
 def element_keep(method, weight, sparsity):

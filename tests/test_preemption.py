@@ -1,4 +1,4 @@
-"""Preemption (sparse_pretrain/preemption.py): the watch (signals, stop file, the all-reduce that makes
+"""Preemption (sparse_pretrain/runtime/preemption.py): the watch (signals, stop file, the all-reduce that makes
 every rank stop at the same step), the batch-script snippet (trap -> stop file, exit 75 -> requeue), and a
 real SLURM job that is signalled, checkpoints, is requeued and ends bit for bit like an uninterrupted run."""
 import os
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
-from sparse_pretrain.preemption import (PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch,
-                                        requeue_snippet)
+from launcher.submit import requeue_snippet
+from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_sigusr1_sets_the_flag_and_close_restores_the_handlers(watch_factory):
 def test_first_sigterm_asks_to_stop_the_second_ends_the_process():
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from sparse_pretrain.preemption import PreemptionWatch
+        from sparse_pretrain.runtime.preemption import PreemptionWatch
         watch = PreemptionWatch(stop_file=None)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
@@ -94,7 +94,7 @@ WORKER = """
 import sys
 from pathlib import Path
 import torch.distributed as dist
-from sparse_pretrain.preemption import PreemptionWatch, max_all_reduce
+from sparse_pretrain.runtime.preemption import PreemptionWatch, max_all_reduce
 rank, store, stop = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 watch = PreemptionWatch(stop_file=stop, all_reduce=max_all_reduce(), watch_file=rank == 1, signals=())

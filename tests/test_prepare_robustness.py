@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pretrain_fixtures import env, make_corpus, minilm_dir, write_recipe
-from sparse_pretrain.atomic import (OwnedTempDir, Terminated, owned_temp_dir, owned_temp_dirs,
+from sparse_pretrain.runtime.atomic import (OwnedTempDir, Terminated, owned_temp_dir, owned_temp_dirs,
                                     remove_stale_temp_dirs, sigterm_raises)
 
 PRUNE_OFA = os.path.join(os.path.dirname(sys.executable), "prune-ofa")
@@ -115,7 +115,7 @@ def owned_by_child(target: Path, stay: bool) -> tuple[Path, subprocess.Popen]:
     """A temporary directory for ``target`` made by another process, which exits (as if killed)
     unless ``stay``."""
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sparse_pretrain.atomic import owned_temp_dir; "
+        [sys.executable, "-c", "import sys, time; from sparse_pretrain.runtime.atomic import owned_temp_dir; "
                                f"print(owned_temp_dir({str(target)!r}), flush=True); "
                                f"time.sleep(600 if {stay} else 0)"],
         env=env(), stdout=subprocess.PIPE, text=True)
@@ -127,7 +127,7 @@ def owned_by_child(target: Path, stay: bool) -> tuple[Path, subprocess.Popen]:
 
 
 def prepare_recipe(tmp_path, *overrides):
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     return load_recipe(None, [f"model.name_or_path={minilm_dir()}", f"data.data_files=[{tmp_path}/docs.jsonl]",
                               f"data.cache_dir={tmp_path}/prepared", "data.max_seq_length=64",
                               "data.num_proc=1", *overrides])

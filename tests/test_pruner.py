@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining, DistilBertConfig, DistilBertForMaskedLM
 
-from sparse_pretrain.gmp_schedule import GMPSchedule
-from sparse_pretrain.masks import PrunedParameter, find_prunable, pack_mask, unpack_mask, whole_parameters
-from sparse_pretrain.methods import build_method, is_valid_block_pattern
-from sparse_pretrain.pattern_lock import PatternLock
-from sparse_pretrain.pruner import GradualPruner
-from sparse_pretrain.threshold import pruned_count
-from sparse_pretrain.masks import SparsityPatternError
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
+from sparse_pretrain.core.masks import PrunedParameter, find_prunable, pack_mask, unpack_mask, whole_parameters
+from sparse_pretrain.core.methods import build_method, is_valid_block_pattern
+from sparse_pretrain.core.pattern_lock import PatternLock
+from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.core.threshold import pruned_count
+from sparse_pretrain.core.masks import SparsityPatternError
 from simulated_ranks import SimulatedWorld, split_points
 
 

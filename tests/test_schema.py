@@ -1,4 +1,4 @@
-"""One declarative schema for every recipe kind (``sparse_pretrain/schema.py``): pre-training,
+"""One declarative schema for every recipe kind (``sparse_pretrain/runtime/schema.py``): pre-training,
 fine-tuning, QAT and pipeline specs. Typed and ranged fields and unknown keys are rejected on load,
 with one message that starts with the dotted key, before any model is built; the gaps the fuzz run
 of issue 12 found (values accepted, tracebacks, late or unclear errors) are closed by the schema."""
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import load_finetune_recipe
+from finetune.recipe import load_finetune_recipe
 from launcher.cli import main
 from launcher.pipeline import PipelineError, load_pipeline
-from sparse_pretrain.config import ConfigError, load_recipe, recipe_from_dict
-from sparse_pretrain.gmp_schedule import GMPSchedule, schedule_problems
+from sparse_pretrain.recipe import ConfigError, load_recipe, recipe_from_dict
+from sparse_pretrain.core.gmp_schedule import GMPSchedule, schedule_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "configs" / "bert-base-uncased-90.yaml"

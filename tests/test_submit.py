@@ -75,7 +75,7 @@ def test_gpu_pipeline_renders_the_right_sbatch_and_launch_lines(tmp_path, capsys
         assert expected in lines, (expected, lines)
     assert "set -euo pipefail" in teacher
     assert f"export PRUNE_OFA_STOP_FILE={root}/teacher/STOP" in teacher
-    assert "prune_ofa_preemptible()" in teacher                       # sparse_pretrain.preemption's snippet
+    assert "prune_ofa_preemptible()" in teacher                       # sparse_pretrain.runtime.preemption's snippet
     run = run_line(teacher)
     assert re.search(rf"prune_ofa_preemptible {root}/teacher +srun --nodes=4 --ntasks-per-node=1 "
                      r"--cpus-per-task=64 --kill-on-bad-exit=1 --gres=gpu:8 +prune-ofa launch pretrain "
@@ -574,7 +574,7 @@ def stage_times(entry: dict) -> tuple[float, float]:
 def test_pipeline_runs_every_stage_in_order_on_slurm(slurm_cluster, tmp_path_factory):
     """prepare-data -> teacher -> student (2 nodes) -> transfer (KD from a task teacher) -> QAT -> report,
     each a SLURM job started by its dependencies, ending with the compression report."""
-    from finetune.tasks import load_rt_sentiment
+    from finetune.tasks.classification import load_rt_sentiment
     from pretrain_fixtures import make_corpus, make_tiny_bert
     root = tmp_path_factory.mktemp("pipeline")
     bert, corpus = make_tiny_bert(root / "tiny-bert"), make_corpus(root / "corpus.jsonl", documents=40)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparse_pretrain.threshold import ScoreShard, keep_masks, pruned_count
+from sparse_pretrain.core.threshold import ScoreShard, keep_masks, pruned_count
 from simulated_ranks import SimulatedWorld, split_points
 
 

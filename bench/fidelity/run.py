@@ -245,14 +245,14 @@ def zeros_per_layer(model_dir: Path) -> dict:
 
     from safetensors.torch import load_file
 
-    from sparse_pretrain.masks import DEFAULT_INCLUDE
+    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
     state = load_file(model_dir / "model.safetensors")
     return {k: (int((v == 0).sum()), v.numel()) for k, v in state.items()
             if k.endswith(".weight") and v.ndim == 2 and re.fullmatch(DEFAULT_INCLUDE[0], k[:-len(".weight")])}
 
 
 def sparsity_check(model_dir: Path, target: float) -> dict:
-    from sparse_pretrain.threshold import pruned_count
+    from sparse_pretrain.core.threshold import pruned_count
     layers = zeros_per_layer(model_dir)
     zeros, total = sum(z for z, _ in layers.values()), sum(n for _, n in layers.values())
     return {"encoder_sparsity": zeros / total, "pruned_layers": len(layers),
@@ -287,7 +287,7 @@ def variant_record(variant: str, seed: int, scale_name: str, s: Scale, seed_dir:
 
 
 def held_out_sizes(s: Scale, rt_files: dict) -> dict:
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.data.prepare import prepared_path
     recipe = load_recipe(CONFIGS / "minilm-l6-teacher.yaml", [f"data.max_seq_length={s.pretrain_seq}", "data.seed=42",
                                                               *s.pretrain_data])
@@ -371,7 +371,7 @@ def _distinct_seconds(records: list) -> float:
 
 def write_rt_split(data_dir: Path) -> dict:
     """The fixed RT split as JSON lines (the task's own columns), read with task.data_files."""
-    from finetune.tasks import load_rt_sentiment
+    from finetune.tasks.classification import load_rt_sentiment
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {split: data_dir / f"rt-{split}.jsonl" for split in ("train", "validation")}
     if not all(f.is_file() for f in files.values()):

@@ -16,9 +16,9 @@ module              what it is
 
 Imports here are light (no datasets/transformers until a function needs them).
 """
-from .batches import PretrainingBatches, PretrainingRows, evaluation_batches
-from .collator import MaskingCollator
-from .prepare import load_prepared, prepare_dataset, prepared_path
+from sparse_pretrain.data.batches import PretrainingBatches, PretrainingRows, evaluation_batches
+from sparse_pretrain.data.collator import MaskingCollator
+from sparse_pretrain.data.prepare import load_prepared, prepare_dataset, prepared_path
 
 __all__ = ["PretrainingBatches", "PretrainingRows", "evaluation_batches", "MaskingCollator",
            "prepare_dataset", "prepared_path", "load_prepared"]

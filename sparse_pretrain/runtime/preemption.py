@@ -18,7 +18,8 @@ directory, on the shared filesystem). Every rank then stops at the same step:
    marker) and runs ``scontrol requeue $SLURM_JOB_ID``. SLURM starts the same job again; the trainer
    resumes from the newest complete checkpoint, bit for bit on the same world size.
 
-The shell side is ``SBATCH_PREEMPTION_SNIPPET`` (``requeue_snippet()``): a function
+The shell side is ``slurm/preemption.sh``, pasted into every stage's batch script by
+``launcher.submit``: a function
 ``prune_ofa_preemptible OUTPUT_DIR COMMAND...`` that sets ``PRUNE_OFA_STOP_FILE`` (default
 ``OUTPUT_DIR/STOP``), clears a stale stop file and marker, installs the trap, runs COMMAND in the
 background (bash runs a trap only between commands, so a foreground COMMAND would delay it until
@@ -29,7 +30,7 @@ one step plus a checkpoint), and ``--open-mode=append`` keeps the first run's lo
     #SBATCH --signal=B:USR1@300
     #SBATCH --requeue
     #SBATCH --open-mode=append
-    <SBATCH_PREEMPTION_SNIPPET>
+    <slurm/preemption.sh>
     prune_ofa_preemptible runs/bert-base-90 srun torchrun ... -m sparse_pretrain --config RECIPE
 
 A second SIGTERM to a rank ends it at once (the default action), so a launcher that tears its
@@ -49,39 +50,6 @@ REQUEUE_EXIT_CODE = 75
 STOP_FILE_ENV = "PRUNE_OFA_STOP_FILE"
 #: written by rank 0 into the output directory when the run stopped for preemption
 PREEMPTED_MARKER = "PREEMPTED"
-
-SBATCH_PREEMPTION_SNIPPET = r"""# -- preemption (sparse_pretrain.preemption): USR1 -> stop file -> exit 75 -> requeue
-# needs: #SBATCH --requeue  #SBATCH --signal=B:USR1@<seconds>  (and --open-mode=append to keep the log)
-prune_ofa_preemptible() {   # usage: prune_ofa_preemptible OUTPUT_DIR COMMAND [ARG...]
-    local output_dir=$1 pid rc
-    shift
-    export PRUNE_OFA_STOP_FILE=${PRUNE_OFA_STOP_FILE:-$output_dir/STOP}
-    mkdir -p "$output_dir" "$(dirname "$PRUNE_OFA_STOP_FILE")"
-    rm -f "$PRUNE_OFA_STOP_FILE" "$output_dir/PREEMPTED"
-    trap 'echo "preemption: USR1 received, asking the ranks to checkpoint and stop"
-          touch "$PRUNE_OFA_STOP_FILE"' USR1
-    echo "preemption: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0}, trap installed"
-    "$@" &
-    pid=$!
-    while :; do
-        wait "$pid" && rc=0 || rc=$?             # (so that `set -e` does not end the script here)
-        kill -0 "$pid" 2>/dev/null || break     # wait was interrupted by the trap: COMMAND still runs
-    done
-    trap - USR1
-    if [ "$rc" -eq 75 ] || [ -f "$output_dir/PREEMPTED" ]; then
-        echo "preemption: checkpoint saved, requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
-    fi
-    return "$rc"
-}
-"""
-
-
-def requeue_snippet() -> str:
-    """The bash function the sbatch templates paste in (see the module docstring)."""
-    return SBATCH_PREEMPTION_SNIPPET
-
 
 def default_stop_file() -> Optional[Path]:
     value = os.environ.get(STOP_FILE_ENV)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .threshold import AllReduce
+from sparse_pretrain.core.threshold import AllReduce
 
 #: Every Linear of a BERT (encoder.layer.N) or DistilBERT (transformer.layer.N) encoder and the
 #: pooler; not embeddings, MLM/NSP or task heads. One pattern, so that it matches either family.

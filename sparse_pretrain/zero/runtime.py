@@ -23,7 +23,7 @@ def init_distributed() -> None:
     otherwise), under a launcher, as an srun task, or alone, without the CPU shared-memory op's build."""
     import deepspeed
 
-    from launcher.rendezvous import export_torch_env
+    from sparse_pretrain.runtime.rendezvous import export_torch_env
     export_torch_env()             # a task of `srun python -m sparse_pretrain`: RANK etc. from SLURM's variables
     if "RANK" not in os.environ:   # one process, started without a launcher
         import socket

@@ -18,11 +18,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from .gmp_schedule import GMPClock, GMPSchedule
-from .masks import MaskedParameters, PrunedParameter
-from .methods import PruningMethod
-from .shard_units import ShardedBlocks, ShardedGroups, all_ranges
-from .threshold import AllReduce, ScoreShard, keep_masks
+from sparse_pretrain.core.gmp_schedule import GMPClock, GMPSchedule
+from sparse_pretrain.core.masks import MaskedParameters, PrunedParameter
+from sparse_pretrain.core.methods import PruningMethod
+from sparse_pretrain.core.shard_units import ShardedBlocks, ShardedGroups, all_ranges
+from sparse_pretrain.core.threshold import AllReduce, ScoreShard, keep_masks
 
 SCOPES = ("layer", "global")
 

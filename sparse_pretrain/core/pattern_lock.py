@@ -10,9 +10,9 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from .masks import (DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, MaskedParameters, PrunedParameter,
+from sparse_pretrain.core.masks import (DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, MaskedParameters, PrunedParameter,
                     find_prunable, whole_parameters)
-from .threshold import AllReduce
+from sparse_pretrain.core.threshold import AllReduce
 
 
 class PatternLock(MaskedParameters):

@@ -5,7 +5,7 @@
 
 - ``wiki.jsonl``: the English Wikipedia sample shipped inside the ``gensim==4.4.0`` wheel (test data;
   about 110 articles, CC BY-SA), read straight from the wheel (``pip download --no-deps``; gensim is
-  never installed) and cleaned by :func:`~sparse_pretrain.data.wikimarkup.clean_wikitext`.
+  never installed) and cleaned by :func:`~sparse_pretrain.data.corpus.wikimarkup.clean_wikitext`.
   Document = article.
 - ``austen.jsonl``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (public domain),
   ``apt-get download`` + unpacking the .deb in Python, the R lazy-load database read with PyPI
@@ -37,8 +37,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..atomic import replacing, write_text
-from .wikimarkup import clean_wikitext, join_paragraphs
+from sparse_pretrain.runtime.atomic import replacing, write_text
+from sparse_pretrain.data.corpus.wikimarkup import clean_wikitext, join_paragraphs
 
 SOURCES = ("wiki", "austen", "wordnet")
 GENSIM_PIN = "gensim==4.4.0"

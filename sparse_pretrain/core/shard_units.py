@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .methods import BlockMagnitude, NMMagnitude
-from .threshold import AllReduce, ScoreShard
+from sparse_pretrain.core.methods import BlockMagnitude, NMMagnitude
+from sparse_pretrain.core.threshold import AllReduce, ScoreShard
 
 
 def all_ranges(ranges: Sequence[tuple[int, int]], rank: int, world_size: int,

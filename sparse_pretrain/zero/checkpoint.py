@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic import torch_save, write_text
-from .pause_points import pause
+from sparse_pretrain.runtime.atomic import torch_save, write_text
+from sparse_pretrain.runtime.pause_points import pause
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

@@ -1,7 +1,7 @@
 """Fine-tuning recipes (transfer with pattern-lock and KD, fine-tune pruning, and QAT): YAML +
 ``key=value`` overrides, validated before any model is built, each error naming its dotted key.
 
-Each section is a declarative schema (:mod:`sparse_pretrain.schema`): types, ranges and defaults in
+Each section is a declarative schema (:mod:`sparse_pretrain.runtime.schema`): types, ranges and defaults in
 the annotations, rules between fields in validators. The ``pruning`` section is the pre-training
 recipe's (same keys, same checks) plus ``lr_rewind``; what depends on the run's length is checked
 by building the equivalent pre-training recipe (:meth:`FinetunePruningConfig.pretrain_recipe`).
@@ -13,12 +13,12 @@ from typing import Annotated, Optional, Sequence
 
 from pydantic import Field, StrictInt, model_validator
 
-from sparse_pretrain.config import (ConfigError, PruningConfig, apply_overrides, read_yaml_tree,
+from sparse_pretrain.recipe import (ConfigError, PruningConfig, apply_overrides, read_yaml_tree,
                                     resolve_packaged_model)
-from sparse_pretrain.schema import (Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
+from sparse_pretrain.runtime.schema import (Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
                                     Section, Text, rule, validated)
 
-from .tasks import TASKS
+from finetune.tasks.classification import TASKS
 
 #: task names with a built-in data source and schema; any other name is a custom classification task
 KNOWN_TASKS = tuple(sorted((*TASKS, "squad")))
@@ -88,7 +88,7 @@ class TrainingConfig(Section):
     eval_batch_size: PositiveInt = 64
     eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: only at the end of training)
     save_every: Optional[PositiveInt] = None   # steps between save_state checkpoints (None: end of each epoch)
-    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.run_identity)
+    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.runtime.run_identity)
 
 
 class QATConfig(Section):
@@ -107,7 +107,7 @@ class FinetunePruningConfig(PruningConfig):
     def pretrain_recipe(self, total_steps: int, warmup_steps: int):
         """This section as a ``sparse_pretrain`` student recipe: its ``gmp_schedule()``,
         ``pruning_method()`` and ``lr_factor()`` are what fine-tuning uses. Raises ConfigError."""
-        from sparse_pretrain.config import recipe_from_dict
+        from sparse_pretrain.recipe import recipe_from_dict
         try:
             return recipe_from_dict({"stage": "student", "pruning": self.model_dump(exclude={"lr_rewind"}),
                                      "training": {"total_steps": total_steps, "warmup_steps": warmup_steps,

@@ -1,7 +1,7 @@
 """Where this rank's part of each pruned weight lives under DeepSpeed, and how masks reach it.
 
 The one engine adapter of the sparsity core (which itself never imports DeepSpeed). For each pruned
-weight it describes this rank's shard as a :class:`~sparse_pretrain.masks.PrunedParameter`:
+weight it describes this rank's shard as a :class:`~sparse_pretrain.core.masks.PrunedParameter`:
 
 - ZeRO-1/2: the fragment of the flat fp32 partition this rank updates (``p._hp_mapping``); a rank
   may hold none of a weight, or a piece that starts or ends mid-row.
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .masks import MaskedParameters, PrunedParameter
+from sparse_pretrain.core.masks import MaskedParameters, PrunedParameter
 
 
 def _empty_view(param: torch.Tensor) -> torch.Tensor:

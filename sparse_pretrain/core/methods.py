@@ -7,7 +7,7 @@ A method turns a 2-D weight (out_features x in_features, as ``nn.Linear`` stores
     expand(unit_keep, shape) -> element keep-mask of ``shape``
     units(element_keep)     -> unit keep-mask (inverse of ``expand`` for a valid pattern)
 
-Which units are pruned at a target sparsity is decided by :mod:`sparse_pretrain.threshold`, the
+Which units are pruned at a target sparsity is decided by :mod:`sparse_pretrain.core.threshold`, the
 same exact selection for every method, per layer or globally, in one process or across shards.
 """
 from __future__ import annotations

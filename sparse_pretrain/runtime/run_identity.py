@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .atomic import write_text
-from .config import ConfigError
+from sparse_pretrain.runtime.atomic import write_text
+from sparse_pretrain.recipe import ConfigError
 
 RUN_FILE = "run.json"
 DISCARD_KEY = "training.discard_different_run"

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .atomic import replacing_dir
+from sparse_pretrain.runtime.atomic import replacing_dir
 
 
 def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
