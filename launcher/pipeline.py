@@ -32,9 +32,8 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BeforeValidator, Field, Strict, StrictInt, field_validator, model_validator
 
-from sparse_pretrain.runtime.schema import Flag, NonNegativeInt, Section, Text, rule, validated
-
 from launcher.launch import LAUNCHERS
+from sparse_pretrain.runtime.schema import Flag, NonNegativeInt, Section, Text, rule, validated
 
 KINDS = ("prepare-data", "pretrain", "finetune", "qat", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "qat")          # long runs: checkpoint, requeue on preemption
@@ -278,11 +277,17 @@ class PipelineSpec(Section):
         return stages
 
 
-def load_pipeline(path: str | Path, check_partition: bool = True) -> Pipeline:
+def load_pipeline(path: str | Path, check_partition: bool = True, overrides: Optional[dict] = None,
+                  stage_dirs: Optional[dict[str, str]] = None) -> Pipeline:
     """Read and validate a pipeline spec. Relative paths (``output_root``, ``workdir``, recipes) are
     resolved against the current directory, so rendered scripts hold absolute paths only.
     ``check_partition``: ask ``sinfo`` how many GPUs the partition's nodes have where the spec does
-    not say (``partition_gpus``); skipped when SLURM cannot be reached."""
+    not say (``partition_gpus``); skipped when SLURM cannot be reached.
+
+    ``overrides``: a mapping merged over the spec, mappings key by key, and validated with it (how
+    ``prune-ofa demo`` sets its sizes: ``{"stages": {"teacher": {"overrides": {"training.total_steps":
+    30}}}}``). ``stage_dirs``: stage -> the directory under ``output_root`` it writes instead of its
+    name (the demo runs the student's chain once per target: ``{"student": "student-85", ...}``)."""
     spec_path = Path(path).resolve()
     if not spec_path.is_file():
         raise PipelineError(f"pipeline: no such file {str(path)!r}")
@@ -293,16 +298,30 @@ def load_pipeline(path: str | Path, check_partition: bool = True) -> Pipeline:
     if not isinstance(raw, dict):
         raise PipelineError(f"pipeline: {path} must hold a mapping")
     spec = validated(PipelineSpec, raw, PipelineError)
+    if overrides:       # over the spec as read (a stage's overrides a mapping even where written as a list)
+        spec = validated(PipelineSpec, merged(spec.model_dump(exclude_unset=True), overrides), PipelineError)
+    unknown = sorted(set(stage_dirs or {}) - set(spec.stages))
+    if unknown:
+        raise PipelineError(f"stage_dirs: unknown stage(s) {unknown} (stages: {', '.join(spec.stages)})")
     workdir = Path(spec.workdir or ".").expanduser().resolve()
     output_root = (workdir / Path(spec.output_root).expanduser()).resolve()
-    stages = {name: _stage(name, stage, spec.slurm, workdir, output_root) for name, stage in spec.stages.items()}
+    stages = {name: _stage(name, stage, spec.slurm, workdir, output_root / (stage_dirs or {}).get(name, name))
+              for name, stage in spec.stages.items()}
     order = topological_order({s.name: s.after for s in stages.values()})
     stages = {n: stages[n] for n in order}
-    _resolve_references(stages, output_root)
+    _resolve_references(stages)
     pipeline = Pipeline(name=spec.name, spec=spec_path, output_root=output_root, workdir=workdir, stages=stages)
     for stage in stages.values():
         check_stage(stage, check_partition)
     return pipeline
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``changes`` over ``base``: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def stage_resources(name: str, own: dict, defaults: Resources) -> Resources:
@@ -327,10 +346,9 @@ def time_limit_seconds(text: str) -> Optional[int]:
     return a * 60 + (b or 0)
 
 
-def _stage(name: str, spec: StageSpec, defaults: Resources, workdir: Path, output_root: Path) -> Stage:
+def _stage(name: str, spec: StageSpec, defaults: Resources, workdir: Path, output_dir: Path) -> Stage:
     where = f"stages.{name}"
     resources = stage_resources(name, spec.slurm, defaults)
-    output_dir = output_root / name
     config, overrides, report = None, {}, {}
     if spec.kind == "report":
         report = {k: v for k, v in spec.report.model_dump().items() if v}
@@ -377,8 +395,9 @@ def topological_order(after: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def _resolve_references(stages: dict[str, Stage], output_root: Path) -> None:
-    """``@stage/path`` -> ``output_root/stage/path``; the stage must be upstream (``after``)."""
+def _resolve_references(stages: dict[str, Stage]) -> None:
+    """``@stage/path`` -> that stage's output directory (``output_root/stage``) ``/path``; the stage
+    must be upstream (``after``)."""
     upstream: dict[str, set[str]] = {}
     for stage in stages.values():                         # topological order: upstream sets are ready
         upstream[stage.name] = set(stage.after).union(*(upstream[a] for a in stage.after))
@@ -394,7 +413,7 @@ def _resolve_references(stages: dict[str, Stage], output_root: Path) -> None:
         if ref not in upstream[stage.name]:
             raise PipelineError(f"stages.{stage.name}.{key}: uses {ref}'s output but does not run after it; "
                                 f"add {ref} to stages.{stage.name}.after")
-        return str(output_root / ref / (match.group(2) or "/").lstrip("/")).rstrip("/")
+        return str(stages[ref].output_dir / (match.group(2) or "/").lstrip("/")).rstrip("/")
 
     for stage in stages.values():
         stage.overrides = {k: resolve(stage, f"overrides.{k}", v) for k, v in stage.overrides.items()}

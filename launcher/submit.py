@@ -297,7 +297,7 @@ def submit_pipeline(pipeline: Pipeline, only: Optional[Sequence[str]] = None, dr
                 echo(f"{stage.name}: waits for {up}, job {', '.join(waits)} of an earlier submission")
             elif only:
                 echo(f"{stage.name}: {up} is not submitted (--only); its output is expected in "
-                     f"{pipeline.output_root / up}")
+                     f"{pipeline.stages[up].output_dir}")
             # with resume, an upstream stage neither queued nor resubmitted has finished: nothing to wait for
         if dry_run:
             echo(shell_line(stage, scripts[stage.name], dependencies))

@@ -1,12 +1,14 @@
 """``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml [key=value ...]`` (or torchrun).
 
-Load the recipe, check what it reads (``preflight``), run it. A user error is one line from one
-process with exit code 2 (``preflight.run_main``); a programming error keeps its traceback."""
+Load the recipe, check what it reads (``sparse_pretrain.preflight``), run it. A user error is one line
+from one process with exit code 2 (``sparse_pretrain.runtime.errors.run_main``); a programming error keeps
+its traceback."""
 import argparse
 import sys
 
+from sparse_pretrain.preflight import check_pretrain
 from sparse_pretrain.recipe import load_recipe
-from sparse_pretrain.preflight import check_recipe, run_main
+from sparse_pretrain.runtime.errors import run_main
 
 
 def main(argv=None) -> int:
@@ -19,7 +21,7 @@ def main(argv=None) -> int:
 
     def body():
         recipe = load_recipe(args.config, args.overrides)
-        check_recipe("pretrain", recipe)            # paths, hub names, architecture: before any weights load
+        check_pretrain(recipe)                      # paths, hub names, architecture: before any weights load
         from sparse_pretrain.trainer import run
         run(recipe)
     return run_main(parser.prog, body)

@@ -4,29 +4,40 @@ A recipe has the sections ``model``, ``data``, ``training``, ``pruning`` and ``d
 ``configs/*.yaml``), each a declarative schema (:mod:`sparse_pretrain.runtime.schema`): every field's type,
 range and default in its annotation, rules between fields in validators, unknown keys rejected.
 Every bad value fails with a :class:`ConfigError` naming the dotted key, before any model is built.
-Checks that need the model's shapes (a block shape that does not divide a weight, an include
-pattern that matches nothing) run in :func:`check_against_model`, on a meta-device skeleton.
+The ``pruning`` section is the one fine-tune pruning shares (:mod:`sparse_pretrain.pruning_section`);
+checks that need the model's shapes (a block shape that does not divide a weight, an include
+pattern that matches nothing) run in its ``check_against_model``, on a meta-device skeleton.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Literal, Optional, Sequence
 
-import yaml
 from pydantic import Field, StrictInt, field_validator, model_validator
 
 from sparse_pretrain.core.distill import POSITIONS, DistillationWeights
-from sparse_pretrain.core.gmp_schedule import GMPSchedule, schedule_problems
+from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.lr_rewind import RewoundLinearLR
-from sparse_pretrain.core.masks import DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES
-from sparse_pretrain.core.methods import PRUNING_METHODS, build_method
+from sparse_pretrain.pruning_section import PruningConfig
 from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
-from sparse_pretrain.runtime.schema import (ConfigError, Flag, Fraction, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber,
-                     Probability, Section, Text, rule, validated)
+from sparse_pretrain.runtime.recipe_files import apply_overrides, read_yaml_tree
+from sparse_pretrain.runtime.schema import (
+    ConfigError,
+    Flag,
+    Fraction,
+    NonNegativeInt,
+    NonNegativeNumber,
+    PositiveInt,
+    PositiveNumber,
+    Probability,
+    Section,
+    Text,
+    rule,
+    validated,
+)
 
 __all__ = ["ConfigError", "Recipe", "ModelConfig", "DataConfig", "TrainingConfig", "PruningConfig",
-           "DistillationConfig", "load_recipe", "recipe_from_dict", "read_yaml_tree", "apply_overrides",
-           "resolve_packaged_model", "check_against_model"]
+           "DistillationConfig", "load_recipe", "recipe_from_dict", "check_against_model"]
 
 STAGES = ("teacher", "student")
 #: the attention implementations transformers knows (``attn_implementation=`` of ``from_pretrained``)
@@ -103,7 +114,7 @@ class TrainingConfig(Section):
     eval_batches: PositiveInt = 50
     dataloader_workers: NonNegativeInt = 2
     peak_tflops: Optional[PositiveNumber] = None   # per device, for MFU; default from the GPU's name
-    discard_different_run: Flag = False  # output_dir holds another run: delete it (sparse_pretrain.runtime.run_identity)
+    discard_different_run: Flag = False  # output_dir holds another run: delete it (runtime/run_identity.py)
 
     @model_validator(mode="after")
     def _batches_and_warmup(self):
@@ -112,46 +123,6 @@ class TrainingConfig(Section):
                                            f"got {self.micro_batch_size}")
         if self.warmup_steps >= self.total_steps:
             raise rule("warmup_steps", f"must be < total_steps ({self.total_steps}), got {self.warmup_steps}")
-        return self
-
-
-class PruningConfig(Section):
-    method: Text = "unstructured"       # a registered method: unstructured | block | nm
-    scope: Literal["layer", "global"] = "layer"   # layer: each tensor reaches the target; global: one threshold
-    initial_sparsity: Fraction = 0.0
-    final_sparsity: Fraction = 0.9
-    start: NonNegativeInt = 0
-    policy_end: NonNegativeInt = 50_000  # (> start: a rule of the schedule, with its own message)
-    end: NonNegativeInt = 80_000
-    interval: PositiveInt = 1_000
-    block_shape: Annotated[list[PositiveInt], Field(min_length=2, max_length=2,
-                                                    description="two positive integers (rows, columns)")] = [1, 4]
-    n: PositiveInt = 2
-    m: PositiveInt = 4
-    module_types: Annotated[list[Text], Field(min_length=1, description="a non-empty list of module class "
-                                                                        "names, e.g. [Linear]")] = list(DEFAULT_MODULE_TYPES)
-    include: Annotated[list[Text], Field(min_length=1, description="a non-empty list of regexes (module names "
-                                                                   "to prune)")] = list(DEFAULT_INCLUDE)
-    exclude: Annotated[list[Text], Field(description="a list of regexes (module names not to prune)")] = []
-
-    @field_validator("method")
-    @classmethod
-    def _registered(cls, value):
-        if value not in PRUNING_METHODS:   # the registry, not a fixed list: methods register themselves
-            raise ValueError(f"unknown method {value!r}; known: {sorted(PRUNING_METHODS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _schedule_and_pattern(self):
-        problems = schedule_problems(self.initial_sparsity, self.final_sparsity, self.start, self.policy_end,
-                                     self.end, self.interval)
-        if problems:
-            raise rule(*problems[0])
-        if self.n >= self.m:
-            raise rule("n", f"N:M needs 0 < n < m, got n={self.n}, m={self.m}")
-        if self.method == "nm" and abs(self.final_sparsity - (1 - self.n / self.m)) > 1e-9:
-            raise rule("final_sparsity", f"N:M {self.n}:{self.m} prunes exactly {1 - self.n / self.m:g}; "
-                                         f"got {self.final_sparsity}")
         return self
 
 
@@ -173,30 +144,24 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _student_schedule_fits_the_run(self):
-        t, p = self.training, self.pruning
+        t = self.training
         if self.stage == "student":
-            if t.lr_rewind and t.total_steps - (p.policy_end - p.start) - t.warmup_steps <= 0:
-                raise rule("training.total_steps", f"must exceed warmup_steps + the pruning window "
-                                                   f"({p.policy_end - p.start}) for LR rewinding, got {t.total_steps}")
-            if p.end >= t.total_steps:
-                raise rule("pruning.end", f"must be < training.total_steps ({t.total_steps}), got {p.end}")
+            problem = self.pruning.length_problem(t.total_steps, t.warmup_steps, t.lr_rewind,
+                                                  length_key="training.total_steps", length="training.total_steps")
+            if problem:
+                raise rule(*problem)
         return self
 
-    # -- what the sparsity core builds from a recipe ------------------------------------------
+    # -- what the sparsity core builds from a recipe: the pruning section's objects, over this run --------
     def gmp_schedule(self) -> GMPSchedule:
-        p = self.pruning
-        return GMPSchedule(final_sparsity=p.final_sparsity, start=p.start, policy_end=p.policy_end,
-                           end=p.end, interval=p.interval, initial_sparsity=p.initial_sparsity)
+        return self.pruning.gmp_schedule()
 
     def lr_factor(self) -> RewoundLinearLR:
-        t, p = self.training, self.pruning
-        rewind = t.lr_rewind and self.stage == "student"
-        return RewoundLinearLR(t.total_steps, t.warmup_steps, p.start, p.policy_end, p.interval, rewind)
+        t = self.training
+        return self.pruning.lr_factor(t.total_steps, t.warmup_steps, t.lr_rewind and self.stage == "student")
 
     def pruning_method(self):
-        p = self.pruning
-        options = {"block": {"block_shape": p.block_shape}, "nm": {"n": p.n, "m": p.m}}.get(p.method, {})
-        return build_method(p.method, **options)
+        return self.pruning.pruning_method()
 
     def distillation_weights(self) -> DistillationWeights:
         d = self.distillation
@@ -209,54 +174,10 @@ class Recipe(Section):
 
 # -- loading -----------------------------------------------------------------------------------
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. pruning.final_sparsity=0.85")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse {raw!r} ({err})") from None
-    return key.strip().split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path[:i + 1])}: is a value, cannot set {'.'.join(path)}")
-        node = child
-    node[path[-1]] = value
-
-
 def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults), apply ``key=value`` overrides, validate."""
     tree = read_yaml_tree(path)
     return recipe_from_dict(apply_overrides(tree, overrides))
-
-
-def read_yaml_tree(path: str | Path | None) -> dict:
-    """A YAML config file as a mapping (empty without a path); a clear ConfigError otherwise."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: no such file {str(path)!r}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML ({err})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config: {path} must hold a mapping of sections")
-    return tree
-
-
-def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a config mapping, in place."""
-    for text in overrides:
-        _set_path(tree, *_parse_override(text))
-    return tree
 
 
 def recipe_from_dict(tree: dict) -> Recipe:
@@ -270,18 +191,6 @@ def recipe_from_dict(tree: dict) -> Recipe:
 
 
 def check_against_model(recipe: Recipe, model) -> list:
-    """Model-dependent checks (include/exclude patterns, block shape vs weight shapes), run when
-    the model structure exists (a meta-device model is enough). Returns the selected (name, param)."""
-    from sparse_pretrain.core.masks import find_prunable
-    p = recipe.pruning
-    try:
-        selected = find_prunable(model, p.module_types, p.include, p.exclude)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    method = recipe.pruning_method()
-    for name, param in selected:
-        problem = method.shape_problem(param.shape)
-        if problem:
-            key = {"block": "pruning.block_shape", "nm": "pruning.m"}.get(p.method, "pruning.method")
-            raise ConfigError(f"{key}: {name}: {problem}")
-    return selected
+    """The pruning section's checks against ``model`` (:meth:`PruningConfig.check_against_model`):
+    the selected (name, param)."""
+    return recipe.pruning.check_against_model(model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparse_pretrain.runtime.atomic import replacing
 from sparse_pretrain.recipe import Recipe
+from sparse_pretrain.runtime.atomic import replacing
 
 
 def table_steps(recipe: Recipe) -> list[int]:

@@ -6,37 +6,35 @@ BERT, MLM otherwise). ``stage: student`` starts from the prepared teacher and tr
 the encoder's Linear weights to the target sparsity and the LR is rewound every f steps.
 
 Read top to bottom: setup (distributed, data, models, engine, pruner, resume), the loop, export.
-A preemption request (SLURM's warning signal, forwarded as a stop file; see preemption.py) ends
-the loop at the same step on every rank with a checkpoint and exit code 75, for a requeue.
+A preemption request (SLURM's warning signal, forwarded as a stop file; see runtime/preemption.py)
+ends the loop at the same step on every rank with a checkpoint and exit code 75, for a requeue.
+Checkpoints follow the protocol both recipes share (runtime/checkpoints.py), DeepSpeed's side in
+zero/checkpoint.py.
 Run with ``deepspeed --num_gpus N -m sparse_pretrain --config RECIPE.yaml``, ``torchrun``, ``srun``
 or ``prune-ofa pretrain --config RECIPE.yaml`` (one process).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from sparse_pretrain.zero import checkpoint
-from sparse_pretrain.runtime import run_identity
-from sparse_pretrain.runtime.atomic import write_text
-from sparse_pretrain.recipe import ConfigError, Recipe, check_against_model
 from sparse_pretrain.core.distill import pretraining_distillation_loss
-from sparse_pretrain.zero.config import deepspeed_config
-from sparse_pretrain.zero.runtime import init_distributed
-from sparse_pretrain.zero.export import export_model, gather_fp32_state_dict
-from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
-from sparse_pretrain.runtime.pause_points import pause
-from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, PreemptionWatch, max_all_reduce
 from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.recipe import ConfigError, Recipe, check_against_model
+from sparse_pretrain.runtime import checkpoints, run_identity
+from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
+from sparse_pretrain.runtime.optimizer import optimizer_groups
+from sparse_pretrain.runtime.pause_points import pause
+from sparse_pretrain.runtime.preemption import PreemptionWatch, max_all_reduce
+from sparse_pretrain.zero import checkpoint
+from sparse_pretrain.zero.config import deepspeed_config
+from sparse_pretrain.zero.export import export_model, gather_fp32_state_dict
+from sparse_pretrain.zero.runtime import init_distributed
 from sparse_pretrain.zero.shards import ZeroShards, set_full_weights
-
-
 
 # -- setup helpers ----------------------------------------------------------------------------------
 
@@ -55,21 +53,6 @@ def load_model(path: str, nsp: bool, attn: str, dtype=None, with_new: bool = Fal
     if not with_new:
         return model
     return model, sorted(set(info["missing_keys"]) & {name for name, _ in model.named_parameters()})
-
-
-def optimizer_groups(model, weight_decay: float, new: Sequence[str] = (), new_lr: float | None = None) -> list[dict]:
-    """AdamW groups: no weight decay for biases and LayerNorm weights (as BERT and HF do); the
-    parameters named in ``new`` in groups of their own at ``new_lr`` (when given)."""
-    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}
-    separate = set(new) if new_lr is not None else set()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups[(name in separate, param.ndim >= 2)].append(param)
-    result = [{"params": groups[(False, True)], "weight_decay": weight_decay},
-              {"params": groups[(False, False)], "weight_decay": 0.0}]
-    result += [{"params": groups[(True, d)], "weight_decay": weight_decay if d else 0.0, "lr": new_lr}
-               for d in (True, False) if groups[(True, d)]]
-    return result
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -125,7 +108,8 @@ def run(recipe: Recipe) -> Path:
     output_dir = Path(t.output_dir)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    watch = PreemptionWatch(all_reduce=max_all_reduce(), watch_file=rank == 0)   # SIGUSR1/SIGTERM, stop file
+    any_rank = max_all_reduce()    # one int over the ranks: a stop request, a save that failed anywhere
+    watch = PreemptionWatch(all_reduce=any_rank, watch_file=rank == 0)   # SIGUSR1/SIGTERM, stop file
     use_cuda = torch.cuda.is_available()
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda)
     ds_config = deepspeed_config(recipe, world, use_bf16)          # bad batch arithmetic fails here
@@ -191,16 +175,19 @@ def run(recipe: Recipe) -> Path:
     no_grad_for_teacher = torch.no_grad if recipe.model.teacher_zero3 else torch.inference_mode
     pruner = shards = None
     if student_stage:
-        named = [(name, dict(engine.module.named_parameters())[name]) for name in pruned_names]
-        shards = ZeroShards(engine, named)
+        shards = ZeroShards.for_parameters(engine, pruned)
         shard_rank, shard_world = shards.shard_world()
         pruner = GradualPruner(shards.params, recipe.pruning_method(), recipe.gmp_schedule(), recipe.pruning.scope,
                                all_reduce=shards.all_reduce(), rank=shard_rank, world_size=shard_world)
         shards.install(pruner)
     torch.manual_seed(t.seed + rank)   # dropout differs across ranks (and is restored on resume)
 
-    # resume from the newest complete checkpoint in the output directory, if any
+    # resume from the newest complete checkpoint in the output directory, if any (what a run killed
+    # while saving left is removed first)
     ckpt_root = output_dir / "checkpoints"
+    if rank == 0:
+        checkpoints.remove_unfinished(ckpt_root, t.keep_checkpoints)
+    dist.barrier()
     step, resumed_rng = resume(engine, ckpt_root, pruner, shards, batches, collator, lr_scheduler, rank, world)
 
     loader = DataLoader(PretrainingRows(train_rows), batch_sampler=batches, collate_fn=collator,
@@ -209,7 +196,7 @@ def run(recipe: Recipe) -> Path:
                         prefetch_factor=4 if t.dataloader_workers > 0 else None)
     micro_batches = iter(loader)   # draws from the global generator (the workers' base seed)...
     if resumed_rng is not None:      # ...so the saved RNG state goes back only now: dropout continues
-        checkpoint.set_rng_states(resumed_rng)   # exactly where the uninterrupted run's is
+        checkpoints.set_rng_states(resumed_rng)  # exactly where the uninterrupted run's is
     # from_pretrained returns a model in eval mode and DeepSpeed keeps it: without this, dropout would
     # be off until the first evaluation (which ends in train())
     engine.module.train()
@@ -252,12 +239,7 @@ def run(recipe: Recipe) -> Path:
             sums += torch.stack([loss.detach(), loss_pt.detach(), loss_kd.detach(),
                                  batch["attention_mask"].sum()]).double()
         batches.step()
-        target = None
-        if pruner is not None:
-            target = pruner.advance()              # recompute masks every f steps (collective)
-            if target is not None:
-                pruner.apply_masks()
-                shards.sync_working_copies()
+        target = shards.after_step(pruner) if pruner is not None else None   # masks every f steps (collective)
         step += 1
         window_steps += 1
 
@@ -297,24 +279,14 @@ def run(recipe: Recipe) -> Path:
         # preemption (SLURM's warning signal, or the stop file): checkpoint this step, then stop
         stop = step < t.total_steps and watch.should_stop()     # one all-reduce of one int, every rank
         if step % t.save_interval == 0 or step == t.total_steps or stop:
-            if rank == 0:     # no checkpoint without the record of the run it belongs to
-                run_identity.record_run(output_dir, identity)
             checkpoint.save(engine, ckpt_root, step, trainer_state(step, engine, batches, collator, lr_scheduler,
-                                                                   pruner, world), t.keep_checkpoints)
+                                                                   pruner, world), t.keep_checkpoints, rank,
+                            any_rank, run=(output_dir, identity))
         if stop:
-            monitor.line(f"preempted ({watch.reason()}) after step {step}: checkpoint saved, exiting with "
-                         f"{REQUEUE_EXIT_CODE} for a requeue")
             monitor.close()
-            if rank == 0:
-                write_text(output_dir / PREEMPTED_MARKER, f"{step}\n")
-                watch.clear_stop_file()
-            dist.barrier()
-            raise SystemExit(REQUEUE_EXIT_CODE)
+            watch.requeue(output_dir, step, main=rank == 0, say=monitor.line)
     monitor.close()
-    watch.close()
-    if rank == 0:   # a finished run is not a preempted one, whatever an earlier attempt left
-        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        watch.clear_stop_file()
+    watch.finish(output_dir, main=rank == 0)
 
     # -- export: a Hugging Face directory with real zeros, and sparsity.json --
     state = gather_fp32_state_dict(engine)
@@ -353,9 +325,9 @@ def pretraining_identity(recipe: Recipe, data_dir: Path) -> dict:
 
 
 def trainer_state(step: int, engine, batches, collator, lr_scheduler, pruner, world: int) -> dict:
-    """What a checkpoint holds besides DeepSpeed's own state (this rank's; see checkpoint.py)."""
+    """What a checkpoint holds besides DeepSpeed's own state (this rank's; see zero/checkpoint.py)."""
     return {"step": step, "batches": batches.state_dict(), "collator": collator.state_dict(),
-            "rng": checkpoint.rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": checkpoints.rng_states(), "lr_scheduler": lr_scheduler.state_dict(),
             "world_size": world, "zero_stage": engine.zero_optimization_stage(),
             "pruner": pruner.state_dict() if pruner is not None else None}
 
@@ -371,34 +343,32 @@ def resume(engine, root: Path, pruner, shards, batches, collator, lr_scheduler, 
     are rebuilt from all ranks' pieces and the LR schedule and data position carry over; the
     optimizer's moments start afresh (DeepSpeed cannot re-partition them without a universal
     checkpoint conversion), which the log says."""
-    tag = checkpoint.latest_tag(root)
-    if tag is None:
+    path = checkpoints.latest(root)
+    if path is None:
         return 0, None
     rng = None     # RNG states are per rank: they carry over on the same layout only
-    states = checkpoint.trainer_states(root / tag)
+    states = checkpoint.trainer_states(path)
     same_layout = len(states) == world and states[0]["zero_stage"] == engine.zero_optimization_stage()
     if same_layout:
-        engine.load_checkpoint(str(root), tag=tag)
+        checkpoint.load(engine, path)
         mine = states[rank]
         if pruner is not None:
             pruner.load_state_dict(mine["pruner"])
         rng = mine["rng"]
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        set_full_weights(engine, get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+        set_full_weights(engine, checkpoint.fp32_weights(path))
         lr_scheduler.load_state_dict(states[0]["lr_scheduler"])
         mine = states[min(rank, len(states) - 1)]
         if pruner is not None:
             pruner.load_mask_pieces([s["pruner"]["masks"] for s in states])
             pruner.clock.load_state_dict(states[0]["pruner"]["clock"])
-            pruner.apply_masks()
-            shards.sync_working_copies()
+            shards.apply_masks(pruner)
         if rank == 0:
-            print(f"resumed {tag} saved by {len(states)} ranks (ZeRO-{states[0]['zero_stage']}) on {world} ranks "
+            print(f"resumed {path.name} saved by {len(states)} ranks (ZeRO-{states[0]['zero_stage']}) on {world} ranks "
                   f"(ZeRO-{engine.zero_optimization_stage()}): weights, masks, LR schedule and data position "
                   f"carried over; optimizer moments restart")
     batches.load_state_dict(states[0]["batches"])
     collator.load_state_dict(mine["collator"])
     if rank == 0:
-        print(f"resumed from {root / tag} at step {states[0]['step']}")
+        print(f"resumed from {path} at step {states[0]['step']}")
     return int(states[0]["step"]), rng

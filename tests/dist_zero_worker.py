@@ -7,12 +7,12 @@ import torch
 import torch.distributed as dist
 from transformers import BertConfig, BertForPreTraining
 
-from sparse_pretrain.zero.runtime import init_distributed
 from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.masks import PrunedParameter, find_prunable
 from sparse_pretrain.core.methods import build_method
 from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.core.threshold import pruned_count
+from sparse_pretrain.zero.runtime import init_distributed
 from sparse_pretrain.zero.shards import ZeroShards
 
 
@@ -71,9 +71,7 @@ def main(out_dir, stage, method_name, final, persistence_threshold=0):
             weights = {name: (safe_get_full_fp32_param(p) if stage else p.data).detach().clone().view(
                 getattr(p, "ds_shape", p.shape)) for name, p in named}
             prior = gather_full_masks(pruner)
-        if pruner.advance() is not None:
-            pruner.apply_masks()
-            shards.sync_working_copies()
+        shards.after_step(pruner)   # masks recomputed when due, then every copy masked
         if step == 6:
             got = gather_full_masks(pruner)
             ref = GradualPruner([PrunedParameter(n, w.shape, (lambda w=w: [w.view(-1)])) for n, w in weights.items()],

@@ -478,7 +478,7 @@ def test_submit_inputs(assets, capsys, tmp_path, edits, expected):
     """A pipeline spec with one bad entry: refused before any script is written."""
     from launcher.cli import main
 
-    from sparse_pretrain.recipe import apply_overrides
+    from sparse_pretrain.runtime.recipe_files import apply_overrides
     spec = apply_overrides(yaml.safe_load(assets.pipeline.read_text()), edits)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -498,8 +498,8 @@ def test_submit_missing_pipeline(assets, capsys):
 def test_the_base_recipes_pass_the_preflight(assets):
     """Each case above changes one thing in recipes that pass: the bad thing is what fails."""
     from finetune.recipe import load_finetune_recipe
+    from launcher.preflight import check_recipe
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.preflight import check_recipe
     assert check_recipe("pretrain", load_recipe(assets.pretrain)) == []
     assert check_recipe("prepare-data", load_recipe(assets.pretrain)) == []
     assert check_recipe("finetune", load_finetune_recipe(assets.finetune)) == []
@@ -518,8 +518,8 @@ def test_attention_falls_back_to_one_the_model_supports(assets, capsys, monkeypa
 
     import launcher.launch
     from launcher.cli import main
+    from launcher.preflight import check_recipe
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.preflight import check_recipe
     config = DebertaV2Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                              vocab_size=30522, max_position_embeddings=64)
     with pytest.raises(ValueError, match="does not support"):                   # what transformers does
@@ -560,8 +560,8 @@ def test_a_staged_hub_model_is_used_offline(assets, capsys, monkeypatch, tmp_pat
     import huggingface_hub.constants
 
     from launcher.cli import main
+    from launcher.preflight import check_recipe
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.preflight import check_recipe
     cache = _hub_cache(tmp_path / "hub", "acme/tiny-bert", assets.bert,
                        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
     _hub_cache(cache, "acme/config-only", assets.bert, ["config.json", "tokenizer.json", "tokenizer_config.json"])
@@ -581,8 +581,9 @@ def test_pattern_lock_accepts_a_sparse_model(assets, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
+    from finetune.preflight import pruned_weight_sparsity
     from finetune.recipe import load_finetune_recipe
-    from sparse_pretrain.preflight import check_recipe, pruned_weight_sparsity
+    from launcher.preflight import check_recipe
     sparse = tmp_path / "sparse"
     shutil.copytree(assets.bert, sparse)
     weights = load_file(sparse / "model.safetensors")
@@ -601,16 +602,16 @@ def test_pattern_lock_accepts_a_sparse_model(assets, tmp_path):
 def test_user_errors_are_one_line_programming_errors_keep_their_traceback(capsys, monkeypatch):
     from fractions import Fraction
 
-    from sparse_pretrain.recipe import ConfigError
-    from sparse_pretrain.preflight import UserError, run_main
+    from sparse_pretrain.runtime.errors import UserError, run_main
+    from sparse_pretrain.runtime.schema import ConfigError
 
     def raising(err):
         def body():
             raise err
         return body
 
-    def ours():          # a ValueError raised by this project's code (the tests are not it: preflight is)
-        from sparse_pretrain.preflight import choose_attention
+    def ours():          # a ValueError raised by this project's code (the tests are not it: model_checks is)
+        from sparse_pretrain.runtime.model_checks import choose_attention
         choose_attention(3, [])
     cases = [(raising(ConfigError("pruning.final_sparsity: must be a number in [0, 1)")),
               "prog: invalid config: pruning.final_sparsity: must be a number in [0, 1)"),
@@ -632,24 +633,24 @@ def test_user_errors_are_one_line_programming_errors_keep_their_traceback(capsys
 
 
 def test_one_process_prints_at_once_others_after_a_grace_and_under_launch_none(capsys, monkeypatch, tmp_path):
-    import sparse_pretrain.preflight as preflight
-    monkeypatch.setattr(preflight, "OTHER_RANK_GRACE_S", 0.3)
+    import sparse_pretrain.runtime.errors as errors
+    monkeypatch.setattr(errors, "OTHER_RANK_GRACE_S", 0.3)
     for rank, least in (("0", 0.0), ("1", 0.3)):
         monkeypatch.setenv("RANK", rank)
         started = time.monotonic()
-        preflight.report_user_error("prog", "model.name_or_path: x")
+        errors.report_user_error("prog", "model.name_or_path: x")
         assert time.monotonic() - started >= least
         assert capsys.readouterr().err == "prog: model.name_or_path: x\n"
     failure = tmp_path / "failure.json"
     monkeypatch.setenv("PRUNE_OFA_FAILURE_FILE", str(failure))
-    preflight.report_user_error("prog", "first", 2)
-    preflight.report_user_error("prog", "second", 3)            # first writer wins
+    errors.report_user_error("prog", "first", 2)
+    errors.report_user_error("prog", "second", 3)               # first writer wins
     assert capsys.readouterr().err == ""
-    assert preflight.read_failure(failure) == {"message": "first", "code": 2, "rank": 1}
+    assert errors.read_failure(failure) == {"message": "first", "code": 2, "rank": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["failure.json"]     # no scratch file left
     monkeypatch.setenv("PRUNE_OFA_FAILURE_FILE", str(tmp_path / "no-such-dir" / "failure.json"))
     monkeypatch.setenv("RANK", "0")
-    preflight.report_user_error("prog", "printed when the file cannot be written")   # a rank on another host
+    errors.report_user_error("prog", "printed when the file cannot be written")   # a rank on another host
     assert capsys.readouterr().err == "prog: printed when the file cannot be written\n"
 
 
@@ -659,7 +660,7 @@ def test_a_rank_stopped_during_its_grace_prints_nothing(trapped_env):
     period, even when the trainer had installed its own SIGTERM handler (preemption), and it exits
     with the error's code 2 (what srun reports for the job), not 128 + SIGTERM."""
     code = ("import signal, sys\nsignal.signal(signal.SIGTERM, lambda *a: None)\n"
-            "from sparse_pretrain.preflight import report_user_error\nprint('ready', flush=True)\n"
+            "from sparse_pretrain.runtime.errors import report_user_error\nprint('ready', flush=True)\n"
             "report_user_error('python -m sparse_pretrain', 'model.name_or_path: x')\n")
     environ = {**trapped_env[0], "RANK": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

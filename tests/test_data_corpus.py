@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from sparse_pretrain.data.corpus import materialize as corpus
-from sparse_pretrain.data.cli import add_data_commands, main
+from launcher.data_commands import add_data_commands, main
 from sparse_pretrain.data.corpus.materialize import (SourceUnavailable, austen_chapters, extract_deb, materialize_corpus,
                                          wiki_documents, wordnet_documents)
 from sparse_pretrain.data.corpus.wikimarkup import clean_wikitext

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain_fixtures import env
-from test_finetune import launch, run_single, setup, tiny_classifier, zeros_of  # noqa: F401 (setup: fixture)
-
 from finetune.recipe import load_finetune_recipe
-from sparse_pretrain.recipe import ConfigError
+from pretrain_fixtures import env
 from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.threshold import pruned_count
+from sparse_pretrain.runtime.schema import ConfigError
+from test_finetune import launch, run_single, setup, tiny_classifier, zeros_of  # noqa: F401 (setup: fixture)
 
 SCHEDULE = {"final_sparsity": 0.8, "start": 0, "policy_end": 24, "end": 32, "interval": 4}
 
@@ -125,12 +124,13 @@ def _recipe(tmp_path, **sections) -> Path:
 def test_pruning_section_is_optional_and_uses_the_pretraining_classes(tmp_path):
     assert load_finetune_recipe(_recipe(tmp_path, pruning=None)).pruning is None
     recipe = load_finetune_recipe(_recipe(tmp_path, pruning={"method": "block", "block_shape": [1, 4]}))
-    pre = recipe.pruning.pretrain_recipe(40, 4)
-    assert pre.gmp_schedule() == GMPSchedule(final_sparsity=0.85, start=0, policy_end=20, end=30, interval=5)
-    assert pre.pruning_method().name == "block" and pre.pruning_method().block_shape == (1, 4)
-    assert not pre.lr_factor().rewind
-    rewound = load_finetune_recipe(_recipe(tmp_path, pruning={"lr_rewind": True})).pruning.pretrain_recipe(40, 4)
-    assert rewound.lr_factor().rewind and rewound.lr_factor()(7) == pytest.approx((40 - 20 - 7 % 5) / (40 - 20 - 4))   # rewound
+    pruning = recipe.pruning
+    assert pruning.gmp_schedule() == GMPSchedule(final_sparsity=0.85, start=0, policy_end=20, end=30, interval=5)
+    assert pruning.pruning_method().name == "block" and pruning.pruning_method().block_shape == (1, 4)
+    assert not pruning.lr_rewind
+    rewound = load_finetune_recipe(_recipe(tmp_path, pruning={"lr_rewind": True})).pruning
+    assert rewound.lr_rewind
+    assert rewound.lr_factor(40, 4, rewind=True)(7) == pytest.approx((40 - 20 - 7 % 5) / (40 - 20 - 4))   # rewound
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -156,4 +156,4 @@ def test_the_fine_tuning_length_is_checked_when_it_is_only_known_at_run_time(tmp
     """Without training.max_steps the length comes from epochs x data: checked by the trainer."""
     recipe = load_finetune_recipe(_recipe(tmp_path, training={"max_steps": None, "epochs": 1}))
     with pytest.raises(ConfigError, match=r"pruning.end: must be < the fine-tuning length in steps \(25\)"):
-        recipe.pruning.pretrain_recipe(25, 2)
+        recipe.pruning.check_length(25, 2)

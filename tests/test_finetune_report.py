@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from finetune.report import (QuantizedWeight, build_report, format_markdown, load_compact, load_state,
-                             tensor_bytes, write_compact, write_report)
+from finetune.report import build_report, format_markdown, write_report
+from finetune.report.storage import QuantizedWeight, load_compact, load_state, tensor_bytes, write_compact
 from sparse_pretrain.core.masks import find_prunable
 
 SPARSITY = 0.9
@@ -57,13 +57,13 @@ def sparse_dir(tmp_path_factory):
 def test_per_layer_and_encoder_sparsity_exact(sparse_dir):
     root, zeros, names = sparse_dir
     report = build_report(root / "sparse")
-    assert [l["name"] for l in report["layers"]] == names          # the find_prunable selection, in order
+    assert [row["name"] for row in report["layers"]] == names      # the find_prunable selection, in order
     assert len(names) == 13                                          # 2 x 6 encoder Linears + pooler
     for layer in report["layers"]:
         assert layer["zeros"] == zeros[layer["name"]]
         assert layer["sparsity"] == zeros[layer["name"]] / layer["numel"]
         assert layer["stored_as"] == "float32"
-    total = sum(l["numel"] for l in report["layers"])
+    total = sum(row["numel"] for row in report["layers"])
     assert report["sparsity"]["encoder"] == sum(zeros.values()) / total
     assert "find_prunable on BertForSequenceClassification" in report["selection"]["method"]
 
@@ -84,7 +84,7 @@ def test_nominal_ratios(sparse_dir):
     assert enc8["stored_bits"] == 8 * nonzeros                           # no kept weight rounded to zero
     assert enc8["ratio"] == pytest.approx(40.0, rel=0.01)
     assert enc8["ratio"] == 4 * enc["ratio"]
-    assert all(l["stored_as"] == "int8" for l in report8["layers"])
+    assert all(row["stored_as"] == "int8" for row in report8["layers"])
 
     dense = build_report(root / "dense")
     assert dense["nominal"]["encoder"]["ratio"] == 1.0
@@ -108,7 +108,7 @@ def test_compact_export_is_measured_smaller_and_round_trips(sparse_dir, tmp_path
     assert real["ratio_vs_dense_fp32"] == real["dense_fp32"]["bytes"] / real["compact"]["bytes"]
     # encoder alone: the pruned weights' bytes in each file, positions included, < the nominal 10x
     assert 5.0 < real["encoder"]["ratio"] < report["nominal"]["encoder"]["ratio"]
-    assert all(l["encoding"] in ("bitmask", "delta") for l in report["layers"])
+    assert all(row["encoding"] in ("bitmask", "delta") for row in report["layers"])
     print(f"\ndense fp32 {real['dense_fp32']['bytes']} B, compact {real['compact']['bytes']} B (header "
           f"{real['compact']['header_bytes']} B) "
           f"({real['ratio_vs_dense_fp32']:.2f}x); encoder {real['encoder']['dense_fp32_bytes']} -> "
@@ -132,7 +132,7 @@ def test_int8_compact_round_trip_with_zero_points(sparse_dir, tmp_path):
     compact = tmp_path / "int8.safetensors"
     report = build_report(root / "sparse", quantized=quantized, compact_path=compact)
     assert report["nominal"]["encoder"]["ratio"] == pytest.approx(40.0, rel=0.01)
-    assert [l["sparsity"] for l in report["layers"]] == [zeros[n] / state[n].numel() for n in names]
+    assert [row["sparsity"] for row in report["layers"]] == [zeros[n] / state[n].numel() for n in names]
     restored, q = load_compact(compact)
     assert set(q) == set(names) | {"classifier.weight"}
     assert set(restored) == set(state) - set(q)
@@ -160,7 +160,7 @@ def test_torch_quantized_tensors_are_accepted(sparse_dir):
                                              0, torch.qint8)
     per_tensor = torch.quantize_per_tensor(state[names[1]], float(state[names[1]].abs().max()) / 127, 0, torch.qint8)
     report = build_report(root / "sparse", quantized={names[0]: per_channel, names[1]: per_tensor})
-    assert [l["stored_as"] for l in report["layers"][:3]] == ["int8", "int8", "float32"]
+    assert [row["stored_as"] for row in report["layers"][:3]] == ["int8", "int8", "float32"]
     assert report["layers"][0]["zeros"] >= zeros[names[0]]       # pruned zeros stay zero in int8
     assert any("no int8 version" in note for note in report["notes"])
 
@@ -215,7 +215,7 @@ def test_selection_by_patterns_without_config(sparse_dir, tmp_path):
     bare.mkdir()
     shutil.copy(root / "sparse" / "model.safetensors", bare / "model.safetensors")
     report = build_report(bare)
-    assert sorted(l["name"] for l in report["layers"]) == sorted(names)    # checkpoint order here
+    assert sorted(row["name"] for row in report["layers"]) == sorted(names)  # checkpoint order here
     assert report["selection"]["method"].startswith("include")
 
 

@@ -307,18 +307,18 @@ def test_killed_mid_run_every_rank_resumes_bitwise(setup, uninterrupted, tmp_pat
 
 
 def test_killed_while_saving_resumes_from_the_previous_state_bitwise(setup, uninterrupted, tmp_path):  # noqa: F811
-    """Both ranks held inside save_state at step 24 (each rank's files written, latest not moved:
+    """Both ranks held inside the save at step 24 (each rank's files written, latest not moved:
     PRUNE_OFA_PAUSE_AT), killed there: the rerun removes the partial state, resumes from step 16
     and ends bitwise as the uninterrupted run (DDP)."""
     root, recipe, _, _ = setup
     out = tmp_path / "killed-saving"
     partial = out / "state" / ".partial-step_00000024"
-    markers = [partial / f".paused-save_state-rank{r}" for r in (0, 1)]
+    markers = [partial / f".paused-checkpoint-rank{r}" for r in (0, 1)]
     process = subprocess.Popen(command(recipe, out, "ddp"), env=dict(launch_env(ENGINES["ddp"]),
-                                                                      PRUNE_OFA_PAUSE_AT="save_state:24"),
+                                                                      PRUNE_OFA_PAUSE_AT="checkpoint:24"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: all(m.is_file() for m in markers), process, what="both ranks inside save_state")
+        wait_for(lambda: all(m.is_file() for m in markers), process, what="both ranks inside the save")
         kill_tree(process.pid, "finetune", expected=2)
     finally:
         process.kill()

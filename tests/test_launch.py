@@ -433,7 +433,7 @@ def note(signum, frame):
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
     signal.signal(s, note)
 if mode == "user-error":             # two ranks fail with a user error, then the launcher's own report
-    from sparse_pretrain.preflight import report_user_error
+    from sparse_pretrain.runtime.errors import report_user_error
     print("rank output before the failure", file=sys.stderr, flush=True)
     report_user_error("python -m sparse_pretrain", "model.name_or_path: no such directory 'runs/x' (rank 1)")
     report_user_error("python -m sparse_pretrain", "model.name_or_path: no such directory 'runs/x' (rank 0)")
@@ -528,7 +528,7 @@ def test_torchrun_deepspeed_and_accelerate_run_as_watched_children(monkeypatch):
 
 SPLIT_SENTINEL = """
 import os, sys, time
-from sparse_pretrain.preflight import FAILURE_FILE_ENV, FAILURE_SENTINEL, record_failure
+from sparse_pretrain.runtime.errors import FAILURE_FILE_ENV, FAILURE_SENTINEL, record_failure
 record_failure(os.environ[FAILURE_FILE_ENV], "training.output_dir: a user error")
 half = len(FAILURE_SENTINEL) // 2
 os.write(2, b"kept line\\npartial" + FAILURE_SENTINEL[:half])      # a read ends inside the sentinel

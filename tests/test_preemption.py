@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
 from launcher.submit import requeue_snippet
+from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
 from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,7 +212,7 @@ prune_ofa_preemptible {out} {sys.executable} -m torch.distributed.run --nproc-pe
     step = int(stopped.group(1))
     assert 2 <= step < 12
     assert f"exiting with {REQUEUE_EXIT_CODE}" in log
-    assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'} at step {step}" in log
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'} at step {step}" in log
     assert not (out / PREEMPTED_MARKER).exists() and not (out / "STOP").exists()
 
     _, weights = model_tensors(out / "model")

