@@ -82,7 +82,8 @@ def waiting_table(args, prepared: str) -> str:
     from sparse_pretrain.data.batches import PretrainingBatches, PretrainingRows
     from sparse_pretrain.data.collator import MaskingCollator
     from sparse_pretrain.data.prepare import load_prepared, load_tokenizer
-    from sparse_pretrain.trainer import load_model, model_inputs, optimizer_groups
+    from sparse_pretrain.runtime.optimizer import optimizer_groups
+    from sparse_pretrain.trainer import load_model, model_inputs
 
     recipe = load_recipe(str(ROOT / CONFIG), overrides(args, "unused"))
     train_rows, _ = load_prepared(recipe, prepared)

@@ -107,7 +107,7 @@ def main():
     student = build_model(args.model).to(device).train()
     teacher = copy.deepcopy(student).to(dtype=torch.bfloat16 if args.bf16 else torch.float32)
     teacher.eval().requires_grad_(False)
-    from sparse_pretrain.trainer import optimizer_groups
+    from sparse_pretrain.runtime.optimizer import optimizer_groups
     optimizer = torch.optim.AdamW(optimizer_groups(student, 0.01), lr=1e-5)
     batch = make_batch(student.config.vocab_size, args.batch, args.seq, device, args.mlm)
     losses = Losses(student, teacher, autocast)

@@ -73,7 +73,7 @@ class Run:
     """One variant: its model, optimizer and step, and the weights its forward actually uses."""
 
     def __init__(self, variant, model, masks, pruner=None, sparsifier=None):
-        from sparse_pretrain.trainer import optimizer_groups
+        from sparse_pretrain.runtime.optimizer import optimizer_groups
         self.variant, self.model, self.masks = variant, model, masks
         self.pruner, self.sparsifier = pruner, sparsifier
         self.optimizer = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-5)

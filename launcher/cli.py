@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         one.set_defaults(func=cmd_launch)
     demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
                           description="The whole Prune Once for All chain on the packaged MiniLM-L6 and the "
-                                      "offline RT sentiment task, every stage through `prune-ofa launch`; a stage "
-                                      "whose output exists in --out is reused.")
+                                      "offline RT sentiment task (the pipeline configs/pipelines/minilm-rt.yaml, "
+                                      "run on this machine with the sizes below), every stage through `prune-ofa "
+                                      "launch`; a stage whose output exists in --out is reused.")
     from launcher.demo_pipeline import DemoSizes
     d = DemoSizes()
     demo.add_argument("--out", default="runs/demo", help="where the runs, report.md, report.json and plots go")

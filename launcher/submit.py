@@ -19,8 +19,9 @@ earlier entry moves to ``history``.
 Each script runs one task per node (``srun --ntasks-per-node=1``) of ``prune-ofa launch``, which
 starts the local processes (one per GPU, or ``processes_per_node`` on CPU nodes) and derives the
 rendezvous from SLURM's environment. Training stages are requeueable: SLURM's warning signal becomes
-a stop file, the trainer checkpoints and exits with 75, and the script requeues the job
-(``sparse_pretrain.runtime.preemption``).
+a stop file, the trainer checkpoints and exits with 75, and the script requeues the job (the bash
+function of ``slurm/preemption.sh``, pasted into the script; the ranks' side:
+``sparse_pretrain.runtime.preemption``).
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def log_paths(pipeline: Pipeline, stage: Stage, job_id: str) -> tuple[Path, Path
 def launch_command(stage: Stage) -> list[list[str]]:
     """What each node's task runs, in groups of arguments (one line each in the script):
     ``prune-ofa launch KIND --config R --nodes N ...`` then one ``key=value`` override per group;
-    for a report, ``prune-ofa report MODEL`` then its options."""
+    for a report, ``prune-ofa report MODEL`` then its options. ``prune-ofa demo`` runs the same
+    commands on this machine (``launcher.demo_pipeline``)."""
     r = stage.resources
     if stage.kind == "report":
         groups = [["prune-ofa", "report", stage.report["model"]]]
@@ -113,7 +115,7 @@ def command_argv(stage: Stage) -> list[str]:
 
 def _command_text(stage: Stage) -> str:
     """srun on one line, the launch command on the next, one override per line after it; training
-    stages run it through the preemption function (``sparse_pretrain.runtime.preemption``)."""
+    stages run it through the preemption function (``slurm/preemption.sh``)."""
     groups = launch_command(stage)
     lines = [shlex.join(srun_command(stage)), "    " + shlex.join(groups[0])]
     lines += ["        " + shlex.join(group) for group in groups[1:]]
@@ -154,7 +156,8 @@ def render_script(pipeline: Pipeline, stage: Stage) -> str:
 
 
 def requeue_snippet() -> str:
-    """The bash function ``prune_ofa_preemptible OUTPUT_DIR COMMAND...`` a preemptible stage runs under."""
+    """The bash function ``prune_ofa_preemptible OUTPUT_DIR COMMAND...`` a preemptible stage runs under
+    (``slurm/preemption.sh``, pasted whole into its script)."""
     return PREEMPTION_SNIPPET.read_text()
 
 

