@@ -213,7 +213,7 @@ def check_pretrain_batch(recipe, world_size: int) -> None:
 
 #: where the stage starts (``find_site``), in the terms of the module docstring's table
 SITES = {
-    "machine": "this machine (outside SLURM, or a batch script whose stage runs on its own node)",
+    "machine": "this machine (outside SLURM; in a batch script of one node, or for a one-process stage)",
     "hosts": "several hosts outside SLURM, started by deepspeed over ssh",
     "slurm-node": "a SLURM step with one task per node: each task starts its node's processes",
     "slurm-process": "a SLURM step with one task per process: srun started every rank",
@@ -229,6 +229,10 @@ class Site:
     nodes: int
     slurm: Optional[Rendezvous] = None         # SLURM's rendezvous (a step or the allocation); None outside
     hosts: tuple[tuple[str, int], ...] = ()    # kind "hosts": (host, slots) of the nodes used
+
+    def __post_init__(self):
+        if self.kind not in SITES:
+            raise ValueError(f"unknown site {self.kind!r} (known: {', '.join(SITES)})")
 
     @property
     def starts_here(self) -> bool:

@@ -88,6 +88,7 @@ def test_demo_stages_chain_their_outputs(tmp_path):
 
 def test_demo_stage_output_goes_whole_to_its_log_and_the_exit_code_comes_back(tmp_path, capsys):
     import sys
+
     from launcher.demo_pipeline import run_showing_progress
     script = ("import sys\nfrom tqdm import tqdm\nfor i in tqdm(range(3)): print('line', i, flush=True)\n"
               "sys.exit(3)")
