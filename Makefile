@@ -44,7 +44,7 @@ corpus: venv
 	$(PY) -m launcher.data_commands materialize-corpus --out data/corpus
 
 # SLURM and munge (Debian packages) for the tests that start a real cluster on this machine
-# (tests/slurm_cluster.py); without them those tests are skipped. Installs only if sbatch is missing.
+# (tests/support/slurm_cluster.py); without them those tests are skipped. Installs only if sbatch is missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 slurm-deps:
 	@command -v sbatch >/dev/null || { $(SUDO) apt-get update -qq && \

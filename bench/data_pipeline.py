@@ -78,10 +78,10 @@ def preparation_table(args, cache_dir: str) -> tuple[str, str]:
 def waiting_table(args, prepared: str) -> str:
     from torch.utils.data import DataLoader
 
-    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.data.batches import PretrainingBatches, PretrainingRows
     from sparse_pretrain.data.collator import MaskingCollator
     from sparse_pretrain.data.prepare import load_prepared, load_tokenizer
+    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.runtime.optimizer import optimizer_groups
     from sparse_pretrain.trainer import load_model, model_inputs
 

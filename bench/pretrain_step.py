@@ -54,13 +54,14 @@ def main():
 
     import deepspeed
     import torch.distributed as dist
+
     from sparse_pretrain.core.distill import DistillationWeights, pretraining_distillation_loss
-    from sparse_pretrain.zero.runtime import init_distributed
     from sparse_pretrain.core.gmp_schedule import GMPSchedule
     from sparse_pretrain.core.masks import find_prunable
     from sparse_pretrain.core.methods import build_method
-    from sparse_pretrain.runtime.monitor import flops_per_token, peak_tflops
     from sparse_pretrain.core.pruner import GradualPruner
+    from sparse_pretrain.runtime.monitor import flops_per_token, peak_tflops
+    from sparse_pretrain.zero.runtime import init_distributed
     from sparse_pretrain.zero.shards import ZeroShards
 
     init_distributed()

@@ -16,7 +16,8 @@ rank's part of the per-layer keep-masks at ``--sparsity``:
 
 Time: one group of W processes per layer set runs the variants interleaved for ``--repeats``
 rounds (after one warm-up round) with barriers around each call; reported are the median of rank
-0's wall times and the median over rounds of each variant's time / gather's time in that round. Before timing, the masks of the variants are checked to be identical.
+0's wall times and the median over rounds of each variant's time / gather's time in that round.
+Before timing, the masks of the variants are checked to be identical.
 
 Memory, measured: for each (set, variant) a fresh group of W processes builds its shards, runs the
 variant once on a small set (code paths warm), resets the kernel's peak-RSS mark

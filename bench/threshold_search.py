@@ -51,9 +51,9 @@ def main():
         scores = torch.randn(shape).abs()
         n = scores.numel()
         k = pruned_count(args.sparsity, n)
-        radix = timed(lambda: keep_masks([[ScoreShard(scores)]], args.sparsity), args.repeats)
-        kth = timed(lambda: scores > torch.kthvalue(scores.flatten(), k).values, args.repeats)
-        srt = timed(lambda: torch.sort(scores.flatten(), stable=True), args.repeats)
+        radix = timed(lambda scores=scores: keep_masks([[ScoreShard(scores)]], args.sparsity), args.repeats)
+        kth = timed(lambda scores=scores, k=k: scores > torch.kthvalue(scores.flatten(), k).values, args.repeats)
+        srt = timed(lambda scores=scores: torch.sort(scores.flatten(), stable=True), args.repeats)
         print(f"| {name} | {n:,} | {radix * 1e3:.1f} | {kth * 1e3:.1f} | {srt * 1e3:.1f} | "
               f"{radix / kth:.2f} | {n // 8 * 8:,} | {n * 4:,} |")
 

@@ -13,7 +13,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from finetune.tasks.classification import TaskSpec, check_teacher_labels, classification_metrics, load_task, tokenize_classification
+from finetune.tasks.classification import (
+    TaskSpec,
+    check_teacher_labels,
+    classification_metrics,
+    load_task,
+    tokenize_classification,
+)
 
 
 @dataclass

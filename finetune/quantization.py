@@ -64,12 +64,16 @@ from torch import nn
 from torch.ao.nn import qat as nnqat
 from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 from torch.ao.nn.quantized.modules.utils import _hide_packed_params_repr
-from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
-                                   MovingAveragePerChannelMinMaxObserver, QConfig)
+from torch.ao.quantization import (
+    FakeQuantize,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    QConfig,
+)
 from torch.ao.quantization import convert as _ao_convert
 
-from sparse_pretrain.runtime.atomic import replacing_dir
 from sparse_pretrain.core.masks import DEFAULT_INCLUDE, find_prunable
+from sparse_pretrain.runtime.atomic import replacing_dir
 
 FORMAT = "prune-ofa-int8"
 FORMAT_VERSION = 1

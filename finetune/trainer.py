@@ -39,8 +39,9 @@ NOT_IN_IDENTITY = (
     "training.output_dir",         # where the run writes (the directory the record is in)
     "training.eval_batch_size",     # evaluation only: how many held-out rows per forward; nothing trains on it
     "training.eval_every",         # when to evaluate: evaluation changes no weight and no RNG (see evaluate)
-    "training.save_every",         # when to save a state: a save draws no random number, and a resume from
-                                   # any saved step is bitwise the uninterrupted run (tests/test_finetune_resume.py)
+    # when to save a state: a save draws no random number, and a resume from any saved step is bitwise
+    # the uninterrupted run (tests/recipes/test_finetune_resume.py)
+    "training.save_every",
     "model.min_sparsity",          # a check of the loaded model: the run stops before training or is unchanged
     # paths of inputs: identified by their contents instead (``inputs.*``; data files by name and bytes),
     # so a moved copy is the same run and a model or data file rewritten in place is another one

@@ -15,8 +15,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_schedule(args) -> int:
     from sparse_pretrain.recipe import load_recipe
-    from sparse_pretrain.schedule_report import (describe, format_table, plot_schedule, schedule_rows,
-                                                 table_steps)
+    from sparse_pretrain.schedule_report import describe, format_table, plot_schedule, schedule_rows, table_steps
     recipe = load_recipe(args.config, args.overrides)
     steps = sorted(set(args.steps)) if args.steps else table_steps(recipe)
     bad = [s for s in steps if not 0 <= s < recipe.training.total_steps]
@@ -42,8 +41,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.preflight import check_pretrain
+    from sparse_pretrain.recipe import load_recipe
     recipe = load_recipe(args.config, args.overrides)
     check_pretrain(recipe)                           # paths, hub names, architecture: before any weights load
     from sparse_pretrain.trainer import run
@@ -52,8 +51,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args, qat: bool = False) -> int:
-    from finetune.recipe import load_finetune_recipe
     from finetune.preflight import check_finetune
+    from finetune.recipe import load_finetune_recipe
     overrides = list(args.overrides) + (["qat.enabled=true"] if qat else [])
     recipe = load_finetune_recipe(args.config, overrides)
     check_finetune(recipe)
@@ -64,9 +63,9 @@ def cmd_finetune(args, qat: bool = False) -> int:
 
 def cmd_prepare_data(args) -> int:
     """``launcher.data_commands``'s prepare-data, after the preflight of what it reads."""
-    from sparse_pretrain.recipe import load_recipe
     from launcher.data_commands import cmd_prepare_data as prepare
     from sparse_pretrain.preflight import check_pretrain
+    from sparse_pretrain.recipe import load_recipe
     overrides = list(args.overrides) + ([f"data.num_proc={args.num_proc}"] if args.num_proc is not None else [])
     check_pretrain(load_recipe(args.config, overrides), prepare_only=True)
     return prepare(args)

@@ -25,12 +25,12 @@ import torch.distributed as dist
 from sparse_pretrain.core.distill import pretraining_distillation_loss
 from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.recipe import Recipe
-from sparse_pretrain.runtime.schema import ConfigError
 from sparse_pretrain.runtime import checkpoints, run_identity
 from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
 from sparse_pretrain.runtime.optimizer import optimizer_groups
 from sparse_pretrain.runtime.pause_points import pause
 from sparse_pretrain.runtime.preemption import PreemptionWatch, max_all_reduce
+from sparse_pretrain.runtime.schema import ConfigError
 from sparse_pretrain.zero import checkpoint
 from sparse_pretrain.zero.config import deepspeed_config
 from sparse_pretrain.zero.export import export_model, gather_fp32_state_dict

@@ -287,8 +287,8 @@ def variant_record(variant: str, seed: int, scale_name: str, s: Scale, seed_dir:
 
 
 def held_out_sizes(s: Scale, rt_files: dict) -> dict:
-    from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.data.prepare import prepared_path
+    from sparse_pretrain.recipe import load_recipe
     recipe = load_recipe(CONFIGS / "minilm-l6-teacher.yaml", [f"data.max_seq_length={s.pretrain_seq}", "data.seed=42",
                                                               *s.pretrain_data])
     info = json.loads((prepared_path(recipe) / "prepared.json").read_text())
@@ -304,7 +304,8 @@ def spread(values: list) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"n": 0}
-    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
 
 
@@ -322,7 +323,8 @@ def summarize(results_dir: Path, scale_name: str, sizes: dict | None) -> str:
     by_variant = {v: [r for r in records if r["variant"] == v] for v in VARIANTS}
     dense_by_seed = {r["seed"]: r["rt_accuracy"] for r in by_variant["dense"]}
     rows = ["| variant | RT accuracy, % (mean ± std [min, max]) | Δ vs dense, points (paired by seed) | "
-            "encoder sparsity (exact per layer) | student held-out MLM acc., % | sequences: pruning + fine-tuning | seeds |",
+            "encoder sparsity (exact per layer) | student held-out MLM acc., % | "
+            "sequences: pruning + fine-tuning | seeds |",
             "|---|---|---|---|---|---|---|"]
     stats = {}
     for variant, (title, _) in VARIANTS.items():

@@ -10,8 +10,14 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from sparse_pretrain.core.masks import (DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, MaskedParameters, PrunedParameter,
-                    find_prunable, whole_parameters)
+from sparse_pretrain.core.masks import (
+    DEFAULT_INCLUDE,
+    DEFAULT_MODULE_TYPES,
+    MaskedParameters,
+    PrunedParameter,
+    find_prunable,
+    whole_parameters,
+)
 from sparse_pretrain.core.threshold import AllReduce
 
 

@@ -31,9 +31,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from sparse_pretrain.runtime.atomic import owned_temp_dir, owned_temp_dirs, remove_stale_temp_dirs, remove_tree, sigterm_raises
 from sparse_pretrain.data.rows import document_rng, mlm_rows, nsp_rows
 from sparse_pretrain.data.sentences import split_sentences
+from sparse_pretrain.runtime.atomic import (
+    owned_temp_dir,
+    owned_temp_dirs,
+    remove_stale_temp_dirs,
+    remove_tree,
+    sigterm_raises,
+)
 
 PIPELINE_VERSION = 1          # bump when the rows built from the same settings change
 INFO_FILE = "prepared.json"

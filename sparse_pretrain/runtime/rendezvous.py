@@ -196,7 +196,8 @@ def from_slurm(environ: Mapping[str, str] = os.environ) -> Optional[Rendezvous]:
         return None
     in_step = bool(environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID"))
     if in_step:
-        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST")
+                    or environ.get("SLURM_JOB_NODELIST"))
         nnodes = _int(environ, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
         ntasks = _int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     else:

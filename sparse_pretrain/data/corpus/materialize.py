@@ -37,8 +37,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from sparse_pretrain.runtime.atomic import replacing, write_text
 from sparse_pretrain.data.corpus.wikimarkup import clean_wikitext, join_paragraphs
+from sparse_pretrain.runtime.atomic import replacing, write_text
 
 SOURCES = ("wiki", "austen", "wordnet")
 GENSIM_PIN = "gensim==4.4.0"

@@ -1,0 +1,76 @@
+import math
+import re
+
+import pytest
+import torch
+
+from sparse_pretrain.core.distill import (
+    DistillationWeights,
+    kd_positions,
+    pretraining_distillation_loss,
+    soft_cross_entropy,
+    token_kd_loss,
+)
+
+
+def test_soft_cross_entropy_equals_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.2, 1.5, 3.0]])
+    T = 2.0
+    p_t = [math.exp(x / T) for x in t[0].tolist()]
+    p_t = [x / sum(p_t) for x in p_t]
+    log_z = math.log(sum(math.exp(x / T) for x in s[0].tolist()))
+    log_p_s = [x / T - log_z for x in s[0].tolist()]
+    expected = -sum(a * b for a, b in zip(p_t, log_p_s)) * T * T
+    assert soft_cross_entropy(s, t, T).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_matches_kl_and_passes_gradcheck():
+    torch.manual_seed(0)
+    s = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: soft_cross_entropy(x, t, 2.0), (s,))
+    # same gradient as KL(teacher || student) * T^2, the reference code's loss
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.softmax(t / 2, -1),
+                                    reduction="batchmean") * 4
+    g_kl, = torch.autograd.grad(kl, s)
+    g_ce, = torch.autograd.grad(soft_cross_entropy(s, t, 2.0), s)
+    assert torch.allclose(g_kl, g_ce)
+    assert soft_cross_entropy(s, s.detach(), 2.0) > 0       # CE to itself is the entropy, not 0
+
+
+def test_teacher_gets_no_gradient():
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    soft_cross_entropy(s, t).backward()
+    assert t.grad is None
+
+
+def test_positions_all_vs_masked():
+    attention = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    labels = torch.tensor([[-100, 5, -100, -100], [7, -100, -100, -100]])
+    assert kd_positions(attention, labels, "all").sum() == 5
+    assert kd_positions(attention, labels, "masked").tolist() == [[False, True, False, False],
+                                                                   [True, False, False, False]]
+    with pytest.raises(ValueError, match=re.escape("distillation.positions")):
+        kd_positions(attention, labels, "some")
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 4, 10), torch.randn(2, 4, 10)
+    selected = kd_positions(attention, labels, "masked")
+    rows = torch.stack([s[0, 1], s[1, 0]]), torch.stack([t[0, 1], t[1, 0]])
+    assert token_kd_loss(s, t, selected).item() == pytest.approx(soft_cross_entropy(*rows).item())
+
+
+def test_combined_loss_mlm_and_nsp():
+    torch.manual_seed(2)
+    attention = torch.ones(2, 3, dtype=torch.long)
+    s_mlm, t_mlm = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    s_nsp, t_nsp = torch.randn(2, 2), torch.randn(2, 2)
+    pt = torch.tensor(3.0)
+    w = DistillationWeights(lambda_pt=0.5, lambda_kd=0.5, temperature=2.0)
+    terms = pretraining_distillation_loss(w, pt, s_mlm, t_mlm, attention, None, s_nsp, t_nsp)
+    kd = soft_cross_entropy(s_mlm.reshape(-1, 11), t_mlm.reshape(-1, 11)) + soft_cross_entropy(s_nsp, t_nsp)
+    assert terms["kd"].item() == pytest.approx(kd.item())
+    assert terms["loss"].item() == pytest.approx(0.5 * 3.0 + 0.5 * kd.item())
+    mlm_only = pretraining_distillation_loss(w, pt, s_mlm, t_mlm, attention, None)
+    assert "kd_nsp" not in mlm_only
