@@ -33,6 +33,7 @@ import yaml
 from pydantic import BeforeValidator, Field, Strict, StrictInt, field_validator, model_validator
 
 from launcher.launch import LAUNCHERS
+from sparse_pretrain.runtime.recipe_files import read_yaml_tree
 from sparse_pretrain.runtime.schema import Flag, NonNegativeInt, Section, Text, rule, validated
 
 KINDS = ("prepare-data", "pretrain", "finetune", "qat", "report")
@@ -289,14 +290,7 @@ def load_pipeline(path: str | Path, check_partition: bool = True, overrides: Opt
     30}}}}``). ``stage_dirs``: stage -> the directory under ``output_root`` it writes instead of its
     name (the demo runs the student's chain once per target: ``{"student": "student-85", ...}``)."""
     spec_path = Path(path).resolve()
-    if not spec_path.is_file():
-        raise PipelineError(f"pipeline: no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(spec_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise PipelineError(f"pipeline: {path} is not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"pipeline: {path} must hold a mapping")
+    raw = read_yaml_tree(path, PipelineError, "pipeline", "a mapping")
     spec = validated(PipelineSpec, raw, PipelineError)
     if overrides:       # over the spec as read (a stage's overrides a mapping even where written as a list)
         spec = validated(PipelineSpec, merged(spec.model_dump(exclude_unset=True), overrides), PipelineError)
