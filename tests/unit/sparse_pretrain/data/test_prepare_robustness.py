@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pretrain_fixtures import env, make_corpus, minilm_dir, write_recipe
 
+from pretrain_fixtures import env, make_corpus, minilm_dir, write_recipe
 from sparse_pretrain.runtime.atomic import (
     OwnedTempDir,
     Terminated,
