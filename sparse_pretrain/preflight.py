@@ -88,6 +88,12 @@ def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
                                 f"the student's {config.vocab_size}: distillation needs the same vocabulary")
         # include/exclude patterns and block shapes against the structure: ConfigError naming the key
         recipe.pruning.check_against_model(meta_skeleton(classes[0], config))
+    if t.vocab_rows == "needed":   # the MLM head must be one the row selection can find
+        from sparse_pretrain.pretraining_loss import head_entry
+        try:
+            head_entry(meta_skeleton(classes[0], config))
+        except ValueError as error:
+            raise UserError(f"training.vocab_rows: {error}") from None
     applied = []
     chosen = choose_attention(m.attn_implementation, classes)
     if chosen != m.attn_implementation:

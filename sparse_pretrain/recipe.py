@@ -18,6 +18,7 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 from sparse_pretrain.core.distill import POSITIONS, DistillationWeights
 from sparse_pretrain.core.gmp_schedule import GMPSchedule
 from sparse_pretrain.core.lr_rewind import RewoundLinearLR
+from sparse_pretrain.pretraining_loss import VOCAB_ROWS
 from sparse_pretrain.pruning_section import PruningConfig
 from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
 from sparse_pretrain.runtime.recipe_files import apply_overrides, read_yaml_tree
@@ -105,6 +106,10 @@ class TrainingConfig(Section):
     zero_stage: Optional[Annotated[StrictInt, Field(ge=0, le=3)]] = None   # override the config file's stage
     zero3_persistence_threshold: Optional[NonNegativeInt] = None   # override stage3_param_persistence_threshold
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # needed: the MLM heads project only the rows a loss reads (masked positions; with
+    # distillation.positions=all every non-padding token), same losses; all: every position
+    vocab_rows: Literal[VOCAB_ROWS] = "needed"
+    compile: Flag = False   # torch.compile the encoders of student and teacher (ZeRO 0-2)
     output_dir: Text = "runs/pretrain"
     save_interval: PositiveInt = 1_000   # steps between checkpoints (and at the end)
     keep_checkpoints: PositiveInt = 2
@@ -130,6 +135,7 @@ class DistillationConfig(Section):
     lambda_kd: NonNegativeNumber = 0.5
     temperature: PositiveNumber = 2.0
     positions: Literal[POSITIONS] = "all"   # all non-padding tokens (reference code) | masked
+    chunk_rows: NonNegativeInt = 4096   # the MLM KD term this many rows at a time (same loss); 0: all at once
 
 
 class Recipe(Section):
@@ -164,7 +170,7 @@ class Recipe(Section):
 
     def distillation_weights(self) -> DistillationWeights:
         d = self.distillation
-        return DistillationWeights(d.lambda_pt, d.lambda_kd, d.temperature, d.positions)
+        return DistillationWeights(d.lambda_pt, d.lambda_kd, d.temperature, d.positions, d.chunk_rows)
 
     def to_dict(self) -> dict:
         """Every setting, as plain YAML/JSON values (``recipe_from_dict`` reads it back)."""

@@ -15,6 +15,7 @@ or ``prune-ofa pretrain --config RECIPE.yaml`` (one process).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sparse_pretrain.core.distill import pretraining_distillation_loss
 from sparse_pretrain.core.pruner import GradualPruner
+from sparse_pretrain.pretraining_loss import heads_at, mlm_logits, pretraining_losses
 from sparse_pretrain.recipe import Recipe
 from sparse_pretrain.runtime import checkpoints, run_identity
 from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
@@ -61,15 +62,12 @@ def model_inputs(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
-def mlm_logits(output):
-    return output.prediction_logits if hasattr(output, "prediction_logits") else output.logits
-
-
 @torch.no_grad()
 def evaluate(engine, held_out, collator, batch_size: int, max_batches: int, seed: int,
-             rank: int, world: int) -> dict[str, float]:
+             rank: int, world: int, vocab_rows: str = "needed") -> dict[str, float]:
     """Masked-LM accuracy and perplexity on held-out rows, with fixed masks. Every rank runs the same
-    number of forwards (ZeRO-3 gathers parameters collectively); surplus forwards count zero."""
+    number of forwards (ZeRO-3 gathers parameters collectively); surplus forwards count zero. With
+    ``vocab_rows="needed"`` the MLM head projects only the masked rows (the same numbers)."""
     from sparse_pretrain.data.batches import PretrainingRows, evaluation_batches
     batches = evaluation_batches(len(held_out), batch_size, seed)[:max_batches]
     rows = PretrainingRows(held_out)
@@ -81,11 +79,12 @@ def evaluate(engine, held_out, collator, batch_size: int, max_batches: int, seed
         batch = model_inputs(collator(rows.__getitems__(batches[min(index, len(batches) - 1)])), engine.device)
         labels = batch.pop("labels")
         batch.pop("next_sentence_label", None)
-        logits = mlm_logits(engine(**batch)).float()
+        with heads_at(engine.module, labels != -100) if vocab_rows == "needed" else contextlib.nullcontext():
+            logits = mlm_logits(engine(**batch)).float()
         if index >= len(batches):
             continue
         selected = labels != -100
-        picked = logits[selected]
+        picked = logits if vocab_rows == "needed" else logits[selected]
         totals[0] += (picked.argmax(-1) == labels[selected]).sum()
         totals[1] += selected.sum()
         totals[2] += torch.nn.functional.cross_entropy(picked, labels[selected], reduction="sum")
@@ -171,9 +170,9 @@ def run(recipe: Recipe) -> Path:
             teacher.to(engine.device)
         teacher.eval()
 
-    # inference mode is the cheapest, but ZeRO-3's partitioning hooks write into the gathered
-    # parameters after the forward, which inference tensors forbid
-    no_grad_for_teacher = torch.no_grad if recipe.model.teacher_zero3 else torch.inference_mode
+    if t.compile:   # the encoders only: heads see a different number of rows every micro-batch
+        for model_ in (engine.module, teacher) if teacher is not None else (engine.module,):
+            model_.base_model.compile()
     pruner = shards = None
     if student_stage:
         shards = ZeroShards.for_parameters(engine, pruned)
@@ -202,9 +201,8 @@ def run(recipe: Recipe) -> Path:
     # be off until the first evaluation (which ends in train())
     engine.module.train()
     accumulation = batches.accumulation_steps
-    weights = recipe.distillation_weights()
+    weights = recipe.distillation_weights() if teacher is not None else None
     monitor = Monitor(output_dir, rank, t.total_steps, step)
-    flops = flops_per_token(engine.module.config, recipe.data.max_seq_length, teacher is not None)
     peak = peak_tflops(t.peak_tflops)
     if rank == 0:
         print(f"{recipe.stage}: {t.total_steps} steps, global batch {t.global_batch_size} = {t.micro_batch_size} "
@@ -215,30 +213,20 @@ def run(recipe: Recipe) -> Path:
             print(f"pruning {len(pruned_names)} weights; this rank's masks: {held:,} bytes "
                   f"for {sum(p.shape.numel() for p in pruner.params):,} pruned weights")
 
-    sums = torch.zeros(4, dtype=torch.float64, device=engine.device)   # loss, loss_pt, loss_kd, tokens
+    sums = torch.zeros(5, dtype=torch.float64, device=engine.device)   # loss, loss_pt, loss_kd, tokens, rows
     window_start, window_steps = time.perf_counter(), 0
     while step < t.total_steps:
         # -- one optimizer step: `accumulation` micro-batches, DeepSpeed steps at the boundary --
         for _ in range(accumulation):
             batch = model_inputs(next(micro_batches), engine.device)
             lr = lr_scheduler.get_last_lr()[0]
-            output = engine(**batch)
-            loss = loss_pt = output.loss
-            loss_kd = torch.zeros((), device=engine.device)
-            if teacher is not None:
-                teacher_inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
-                with no_grad_for_teacher():
-                    teacher_out = teacher(**teacher_inputs)
-                terms = pretraining_distillation_loss(
-                    weights, loss_pt, mlm_logits(output), mlm_logits(teacher_out).clone(), batch["attention_mask"],
-                    batch["labels"], getattr(output, "seq_relationship_logits", None),
-                    None if not nsp else teacher_out.seq_relationship_logits.clone())
-                loss, loss_kd = terms["loss"], terms["kd"]
+            terms = pretraining_losses(engine, teacher, batch, weights, nsp, vocab_rows=t.vocab_rows)
+            loss = terms["loss"]
             engine.backward(loss)
             pause("mid-step", step, output_dir, rank)      # tests: a kill between backward and step
             engine.step()              # the pruner's hooks keep pruned weights and gradients at zero
-            sums += torch.stack([loss.detach(), loss_pt.detach(), loss_kd.detach(),
-                                 batch["attention_mask"].sum()]).double()
+            sums += torch.stack([loss.detach(), terms["pretraining"].detach(), terms["kd"].detach(),
+                                 batch["attention_mask"].sum(), terms["rows"]]).double()
         batches.step()
         target = shards.after_step(pruner) if pruner is not None else None   # masks every f steps (collective)
         step += 1
@@ -263,7 +251,9 @@ def run(recipe: Recipe) -> Path:
                        "perf/tokens_per_s": tokens_per_s, "perf/step_time": elapsed / window_steps}
             if teacher is not None:
                 scalars["train/loss_kd"] = values[2]
-            if peak:
+            if peak:   # the vocabulary projection counted on the rows projected
+                flops = flops_per_token(engine.module.config, recipe.data.max_seq_length, teacher is not None,
+                                        float(sums[4]) / max(1.0, float(sums[3])))
                 scalars["perf/mfu"] = tokens_per_s * flops / (peak * 1e12 * world)
             monitor.scalars(step - 1, scalars)
             sparsity = pruner.clock.current_sparsity if pruner is not None else 0.0
@@ -273,7 +263,8 @@ def run(recipe: Recipe) -> Path:
             sums.zero_()
             window_start, window_steps = time.perf_counter(), 0
         if step % t.eval_interval == 0 or step == t.total_steps:
-            results = evaluate(engine, held_out, collator, t.micro_batch_size, t.eval_batches, t.seed, rank, world)
+            results = evaluate(engine, held_out, collator, t.micro_batch_size, t.eval_batches, t.seed, rank, world,
+                               t.vocab_rows)
             monitor.scalars(step - 1, results)
             monitor.line(f"eval at step {step}: masked-LM accuracy {results['eval/mlm_accuracy']:.4f}, "
                          f"perplexity {results['eval/perplexity']:.2f}")

@@ -8,6 +8,11 @@ scaled by T^2 (Hinton et al.), averaged over the selected positions:
 It differs from KL(teacher || student) by the teacher's entropy, a constant for the student, so
 the gradients are the same as the reference code's KL. For BERT the MLM and NSP terms are
 added 1:1 (as the reference code does); the training loss is L = lambda_pt * L_pt + lambda_kd * L_kd.
+
+Over a vocabulary of 30,522 the loss of a whole micro-batch is the largest tensor of the step:
+:func:`chunked_soft_cross_entropy` computes the same loss and gradient a chunk of rows at a time, in
+fp32 whatever the logits' dtype, so that no fp32 [rows, vocabulary] tensor of the whole micro-batch
+exists (peak extra memory ~ 3 x chunk_rows x vocabulary x 4 bytes).
 """
 from __future__ import annotations
 
@@ -36,6 +41,58 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(p_teacher * log_p_student).sum(-1).mean() * temperature**2
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedSoftCrossEntropy(torch.autograd.Function):
+    """T^2 * mean_i CE(softmax(t_i/T), softmax(s_i/T)) over chunks of rows. Written by hand because
+    autograd would keep every chunk's fp32 softmax for the backward: the forward keeps only the
+    logits, and the backward recomputes each chunk's softmaxes, d/ds_i = T/N * (softmax(s_i/T) -
+    softmax(t_i/T)) (the teacher's probabilities sum to one)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, chunk_rows):
+        rows, wide = student.shape[0], _at_least_fp32(student.dtype)
+        total = torch.zeros((), dtype=wide, device=student.device)
+        for start in range(0, rows, chunk_rows):
+            s = student[start:start + chunk_rows].to(wide) / temperature
+            t = teacher[start:start + chunk_rows].to(wide) / temperature
+            total -= (F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return total * (temperature**2 / rows)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, teacher = ctx.saved_tensors
+        temperature, chunk_rows, rows = ctx.temperature, ctx.chunk_rows, student.shape[0]
+        wide = _at_least_fp32(student.dtype)
+        grad = torch.empty_like(student)
+        scale = grad_output.to(wide) * (temperature / rows)
+        for start in range(0, rows, chunk_rows):
+            q = F.softmax(student[start:start + chunk_rows].to(wide) / temperature, dim=-1)
+            q -= F.softmax(teacher[start:start + chunk_rows].to(wide) / temperature, dim=-1)
+            grad[start:start + chunk_rows] = q.mul_(scale)
+        return grad, None, None, None
+
+
+def chunked_soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                               temperature: float = 2.0, chunk_rows: int = 4096) -> torch.Tensor:
+    """:func:`soft_cross_entropy` (same value and gradient, computed in fp32) ``chunk_rows`` rows at a
+    time; logits are [..., C]. The result is fp32 (fp64 for fp64 logits)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    if student.shape[0] == 0:
+        return student.to(_at_least_fp32(student.dtype)).sum() * 0.0
+    return _ChunkedSoftCrossEntropy.apply(student, teacher, float(temperature), int(chunk_rows))
+
+
 def kd_positions(attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                  positions: str = "all") -> torch.Tensor:
     """Boolean [batch, seq] of the token positions distilled: every non-padding token ("all", as
@@ -52,8 +109,11 @@ def kd_positions(attention_mask: Optional[torch.Tensor], labels: Optional[torch.
 
 
 def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, selected: torch.Tensor,
-                  temperature: float = 2.0) -> torch.Tensor:
-    """KD over the token positions where ``selected`` [batch, seq] is True; logits are [batch, seq, V]."""
+                  temperature: float = 2.0, chunk_rows: int = 0) -> torch.Tensor:
+    """KD over the token positions where ``selected`` [batch, seq] is True; logits are [batch, seq, V].
+    ``chunk_rows`` > 0: :func:`chunked_soft_cross_entropy` with chunks of that many rows."""
+    if chunk_rows:
+        return chunked_soft_cross_entropy(student_logits[selected], teacher_logits[selected], temperature, chunk_rows)
     return soft_cross_entropy(student_logits[selected], teacher_logits[selected], temperature)
 
 
@@ -63,6 +123,7 @@ class DistillationWeights:
     lambda_kd: float = 0.5
     temperature: float = 2.0
     positions: str = "all"
+    chunk_rows: int = 0     # > 0: the MLM KD term a chunk of this many rows at a time (same loss)
 
 
 def pretraining_distillation_loss(weights: DistillationWeights, pretraining_loss: torch.Tensor,
@@ -72,7 +133,7 @@ def pretraining_distillation_loss(weights: DistillationWeights, pretraining_loss
                                   teacher_nsp_logits: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """L = lambda_pt * L_pt + lambda_kd * (KD_mlm + KD_nsp); returns every term for logging."""
     selected = kd_positions(attention_mask, mlm_labels, weights.positions)
-    kd_mlm = token_kd_loss(student_mlm_logits, teacher_mlm_logits, selected, weights.temperature)
+    kd_mlm = token_kd_loss(student_mlm_logits, teacher_mlm_logits, selected, weights.temperature, weights.chunk_rows)
     kd = kd_mlm
     terms = {"kd_mlm": kd_mlm}
     if student_nsp_logits is not None:

@@ -25,14 +25,18 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
     return None
 
 
-def flops_per_token(model_config, seq_len: int, with_teacher: bool) -> float:
+def flops_per_token(model_config, seq_len: int, with_teacher: bool, projected_fraction: float = 1.0) -> float:
     """Training FLOPs a token costs (6N + attention, Kaplan et al./PaLM appendix), plus a forward
-    of an identical teacher (2N + attention/3) when distilling."""
+    of an identical teacher (2N + attention/3) when distilling. N counts the encoder's matrices and
+    the MLM vocabulary projection, the latter times ``projected_fraction``: the share of positions
+    the heads project (1 when every position is; the masked share when only masked rows are), so
+    that MFU counts only work done. (Embedding lookups, the head's transform, norms and biases are
+    left out, as usual.)"""
     layers = model_config.num_hidden_layers if hasattr(model_config, "num_hidden_layers") else model_config.n_layers
     hidden = model_config.hidden_size if hasattr(model_config, "hidden_size") else model_config.dim
     inner = getattr(model_config, "intermediate_size", None) or getattr(model_config, "hidden_dim", 4 * hidden)
     vocab = model_config.vocab_size
-    params = layers * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden   # + the MLM projection
+    params = layers * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden * projected_fraction
     attention = 12 * layers * hidden * seq_len
     train = 6 * params + attention
     return train + (2 * params + attention / 3 if with_teacher else 0.0)

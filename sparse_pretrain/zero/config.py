@@ -31,6 +31,9 @@ def deepspeed_config(recipe, world_size: int, use_bf16: bool) -> dict:
         zero["stage"] = t.zero_stage
     if t.zero3_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = t.zero3_persistence_threshold
+    if t.compile and (zero.get("stage", 0) == 3 or recipe.model.teacher_zero3):
+        raise ConfigError("training.compile: not with ZeRO-3 (its parameter hooks break torch.compile's graphs); "
+                          "use ZeRO 0-2 or training.compile=false")
     if zero.get("stage", 0) != 3:
         for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
             zero.pop(key)

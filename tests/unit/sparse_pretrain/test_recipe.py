@@ -50,6 +50,9 @@ def test_overrides_are_typed_and_nested():
     ("pruning.n=4", "pruning.n"),
     ("distillation.positions=some", "distillation.positions"),
     ("distillation.temperature=0", "distillation.temperature"),
+    ("distillation.chunk_rows=-1", "distillation.chunk_rows"),
+    ("training.vocab_rows=masked", "training.vocab_rows"),
+    ("training.compile=maybe", "training.compile"),
     ("training.new_parameters_learning_rate=0", "training.new_parameters_learning_rate"),
     ("training.total_steps=ten", "training.total_steps"),
     ("training.total_steps=50500", "training.total_steps"),   # too short for warmup + rewinding window
@@ -110,3 +113,13 @@ def test_parameters_the_checkpoint_lacks_train_at_their_own_rate():
     assert all((by_id[id(p)].get("lr") == 3e-3) == (n in new) for n, p in params.items())
     assert all(by_id[id(p)]["weight_decay"] == (0.01 if p.ndim >= 2 else 0.0) for p in params.values())
     assert [g.get("lr") for g in optimizer_groups(model, 0.01, new, None)] == [None, None]
+
+
+@pytest.mark.parametrize("override", ["training.zero_stage=3", "model.teacher_zero3=true"])
+def test_compile_is_refused_with_zero3_before_anything_loads(override):
+    from sparse_pretrain.zero.config import deepspeed_config
+    recipe = load_recipe(CONFIGS[0].parent / "bert-base-uncased-90.yaml", ["training.compile=true", override])
+    with pytest.raises(ConfigError, match="^training.compile: not with ZeRO-3"):
+        deepspeed_config(recipe, 1, False)
+    assert deepspeed_config(load_recipe(CONFIGS[0].parent / "bert-base-uncased-90.yaml", ["training.compile=true"]),
+                            1, False)["zero_optimization"]["stage"] == 2

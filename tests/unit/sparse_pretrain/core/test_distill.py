@@ -74,3 +74,60 @@ def test_combined_loss_mlm_and_nsp():
     assert terms["loss"].item() == pytest.approx(0.5 * 3.0 + 0.5 * kd.item())
     mlm_only = pretraining_distillation_loss(w, pt, s_mlm, t_mlm, attention, None)
     assert "kd_nsp" not in mlm_only
+
+
+def test_chunked_kd_is_the_same_loss_and_gradient():
+    from sparse_pretrain.core.distill import chunked_soft_cross_entropy
+    torch.manual_seed(0)
+    s = torch.randn(37, 50, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(37, 50, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: chunked_soft_cross_entropy(x, t, 2.0, 8), (s,))
+    for chunk in (1, 5, 37, 1000):
+        whole, chunked = soft_cross_entropy(s, t, 2.0), chunked_soft_cross_entropy(s, t, 2.0, chunk)
+        assert chunked.item() == pytest.approx(whole.item(), rel=1e-12)
+        g_whole, = torch.autograd.grad(whole * 3, s)
+        g_chunked, = torch.autograd.grad(chunked * 3, s)          # the incoming gradient is honoured
+        torch.testing.assert_close(g_chunked, g_whole, rtol=1e-10, atol=1e-12)
+    empty = torch.zeros(0, 50, requires_grad=True)
+    assert chunked_soft_cross_entropy(empty, empty.detach(), 2.0, 4).item() == 0.0
+
+
+def test_chunked_kd_of_bf16_logits_is_computed_in_fp32():
+    from sparse_pretrain.core.distill import chunked_soft_cross_entropy
+    torch.manual_seed(0)
+    s32, t32 = torch.randn(64, 300) * 4, torch.randn(64, 300) * 4
+    s, t = s32.bfloat16().requires_grad_(), t32.bfloat16()
+    reference = soft_cross_entropy(s.detach().float(), t.float(), 2.0)    # fp32 math on the same bf16 values
+    chunked = chunked_soft_cross_entropy(s, t, 2.0, 16)
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-6)
+    chunked.backward()
+    assert s.grad.dtype == torch.bfloat16
+
+
+def test_chunked_kd_holds_no_fp32_tensor_larger_than_a_chunk():
+    """Every fp32 tensor the forward and backward create has at most chunk_rows x V elements (the
+    whole-micro-batch loss creates several of rows x V); the gradient is in the logits' dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparse_pretrain.core.distill import chunked_soft_cross_entropy
+
+    class LargestFp32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    rows, vocab, chunk = 256, 512, 32
+    s = torch.randn(rows, vocab, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(rows, vocab, dtype=torch.bfloat16)
+    with LargestFp32() as chunked_mode:
+        chunked_soft_cross_entropy(s, t, 2.0, chunk).backward()
+    assert chunked_mode.largest <= chunk * vocab
+    with LargestFp32() as whole_mode:
+        soft_cross_entropy(s.float(), t.float(), 2.0).backward()
+    assert whole_mode.largest == rows * vocab                      # the test can tell the two apart
