@@ -62,6 +62,14 @@ def model_inputs(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
+def compile_encoders(*models, backend: str = "inductor") -> None:
+    """``torch.compile`` each model's encoder in place (``Module.compile``: parameter names, and so
+    checkpoints, masks and exports, stay as they are). Only the encoder, whose shapes are the same
+    every micro-batch: the heads see a different number of rows each time (``vocab_rows``)."""
+    for model in models:
+        model.base_model.compile(backend=backend)
+
+
 @torch.no_grad()
 def evaluate(engine, held_out, collator, batch_size: int, max_batches: int, seed: int,
              rank: int, world: int, vocab_rows: str = "needed") -> dict[str, float]:
@@ -170,9 +178,8 @@ def run(recipe: Recipe) -> Path:
             teacher.to(engine.device)
         teacher.eval()
 
-    if t.compile:   # the encoders only: heads see a different number of rows every micro-batch
-        for model_ in (engine.module, teacher) if teacher is not None else (engine.module,):
-            model_.base_model.compile()
+    if t.compile:
+        compile_encoders(engine.module, *([teacher] if teacher is not None else []))
     pruner = shards = None
     if student_stage:
         shards = ZeroShards.for_parameters(engine, pruned)

@@ -113,3 +113,17 @@ def test_a_head_input_of_another_shape_fails_clearly_and_the_hook_is_removed():
         with heads_at(model, wrong):
             model(input_ids=batch["input_ids"])
     assert model(input_ids=batch["input_ids"]).prediction_logits.shape == (3, 16, V)
+
+
+def test_compiled_encoders_keep_parameter_names_and_the_loss():
+    from sparse_pretrain.trainer import compile_encoders
+    torch.manual_seed(0)
+    student, teacher = bert().eval(), bert().eval()
+    batch = make_batch(nsp=True)
+    weights = DistillationWeights(positions="all", chunk_rows=8)
+    names = [n for n, _ in student.named_parameters()]
+    eager = pretraining_losses(student, teacher, batch, weights, True)["loss"].item()
+    compile_encoders(student, teacher, backend="eager")     # dynamo's tracing; inductor codegen is slow on CPU
+    assert student.base_model._compiled_call_impl is not None and teacher.base_model._compiled_call_impl is not None
+    assert [n for n, _ in student.named_parameters()] == names and set(names) <= set(student.state_dict())
+    assert pretraining_losses(student, teacher, batch, weights, True)["loss"].item() == pytest.approx(eager, rel=1e-6)
