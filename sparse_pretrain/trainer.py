@@ -30,6 +30,7 @@ from sparse_pretrain.runtime import checkpoints, run_identity
 from sparse_pretrain.runtime.monitor import Monitor, flops_per_token, peak_tflops
 from sparse_pretrain.runtime.optimizer import optimizer_groups
 from sparse_pretrain.runtime.pause_points import pause
+from sparse_pretrain.runtime.precision import enable_tf32, resolve_precision
 from sparse_pretrain.runtime.preemption import PreemptionWatch, max_all_reduce
 from sparse_pretrain.runtime.schema import ConfigError
 from sparse_pretrain.zero import checkpoint
@@ -119,7 +120,9 @@ def run(recipe: Recipe) -> Path:
     any_rank = max_all_reduce()    # one int over the ranks: a stop request, a save that failed anywhere
     watch = PreemptionWatch(all_reduce=any_rank, watch_file=rank == 0)   # SIGUSR1/SIGTERM, stop file
     use_cuda = torch.cuda.is_available()
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda)
+    precision = resolve_precision(t.precision, "cuda" if use_cuda else "cpu", error=ConfigError)
+    use_bf16 = precision == "bf16"     # DeepSpeed's bf16: bf16 weights and activations, fp32 masters
+    enable_tf32(precision)             # what stays fp32 under bf16 runs as TF32 on GPUs; fp32 stays IEEE
     ds_config = deepspeed_config(recipe, world, use_bf16)          # bad batch arithmetic fails here
     nsp = resolve_nsp(recipe)
     if student_stage:   # bad patterns or block shapes fail on the bare structure, before any loading

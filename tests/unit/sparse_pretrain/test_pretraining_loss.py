@@ -83,7 +83,8 @@ def test_the_vocabulary_projection_sees_only_the_selected_rows():
     selected = batch["labels"] != -100
     for model in (bert(), distilbert(), roberta()):
         seen = []
-        model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+        model.get_output_embeddings().register_forward_hook(
+            lambda m, args, out, seen=seen: seen.append(tuple(args[0].shape)))
         with heads_at(model, selected):
             output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = getattr(output, "prediction_logits", None)
@@ -101,7 +102,7 @@ def test_head_entry_starts_where_the_hidden_states_enter_the_head():
     assert head_entry(distil) is distil.vocab_transform         # the transform runs on the rows too
     rob = roberta()
     assert head_entry(rob) is rob.lm_head
-    with pytest.raises(ValueError, match="no output embeddings.*vocab_rows=all"):
+    with pytest.raises(ValueError, match=r"no output embeddings.*vocab_rows=all"):
         head_entry(BertModel(bert().config))
 
 

@@ -119,7 +119,7 @@ def test_parameters_the_checkpoint_lacks_train_at_their_own_rate():
 def test_compile_is_refused_with_zero3_before_anything_loads(override):
     from sparse_pretrain.zero.config import deepspeed_config
     recipe = load_recipe(CONFIGS[0].parent / "bert-base-uncased-90.yaml", ["training.compile=true", override])
-    with pytest.raises(ConfigError, match="^training.compile: not with ZeRO-3"):
+    with pytest.raises(ConfigError, match=r"^training\.compile: not with ZeRO-3"):
         deepspeed_config(recipe, 1, False)
     assert deepspeed_config(load_recipe(CONFIGS[0].parent / "bert-base-uncased-90.yaml", ["training.compile=true"]),
                             1, False)["zero_optimization"]["stage"] == 2
