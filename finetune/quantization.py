@@ -41,6 +41,15 @@ torch.ao's own x86/fbgemm qconfigs) is the default: the int8 model then matches 
 Use ``reduce_range=False`` (full 8 bits, Q8BERT exactly) only when the model will run on VNNI
 (AVX512-VNNI / AVX-VNNI) CPUs.
 
+Precision: QAT runs in IEEE fp32 (``training.precision`` auto or fp32; bf16/fp16 are refused, and
+TF32 is off). torch's ``fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do run on bf16 and
+fp16 tensors under autocast (only the fused observer op, which this module does not use, rejects
+them), but the GEMM then reads 16-bit operands: an int8 value times its fp32 scale rounded to
+bf16's 8-bit significand. Measured on a 256x256 QATLinear: fake-quantized weights up to 0.24 of a
+quantization step off the int8 grid; outputs 7e-3 away from the converted Int8Linear's under bf16
+autocast (2.6e-2 with bf16 inputs, as inside a bf16 model), against 6e-7 in fp32, on outputs of
+magnitude 2.4. Trained that way, the exported int8 model would not be the model QAT trained.
+
 Export format (:func:`save_quantized`), a directory written atomically:
 
 - ``config.json``: the float architecture (Hugging Face config, ``architectures`` names the class);

@@ -10,13 +10,14 @@ fine-tuning keys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Annotated, Literal, Optional, Sequence
 
 from pydantic import Field, StrictInt, model_validator
 
 from finetune.tasks.classification import TASKS
 from sparse_pretrain.pruning_section import PruningConfig
 from sparse_pretrain.runtime.packaged_models import resolve_packaged_model
+from sparse_pretrain.runtime.precision import PRECISIONS
 from sparse_pretrain.runtime.recipe_files import apply_overrides, read_yaml_tree
 from sparse_pretrain.runtime.schema import (
     ConfigError,
@@ -101,6 +102,8 @@ class TrainingConfig(Section):
     eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: only at the end of training)
     save_every: Optional[PositiveInt] = None   # steps between save_state checkpoints (None: end of each epoch)
     discard_different_run: Flag = False  # output_dir holds another run: delete it (runtime/run_identity.py)
+    # auto: bf16 on a GPU that computes it natively, else fp32 (runtime/precision.py); QAT: fp32 only
+    precision: Literal[PRECISIONS] = "auto"
 
 
 class QATConfig(Section):
@@ -145,6 +148,11 @@ class FinetuneRecipe(Section):
         if self.pruning is not None and self.qat.enabled:
             raise rule("qat.enabled", "QAT with a pruning section is not supported; prune first, then run QAT on "
                                       "the pruned model with pattern-lock")
+        if self.qat.enabled and self.training.precision in ("bf16", "fp16"):
+            raise rule("training.precision", f"QAT (qat.enabled) runs in fp32, got {self.training.precision}: its "
+                                             f"fake-quantized GEMMs emulate int8 ones exactly only in IEEE fp32 "
+                                             f"(16-bit operands leave the int8 grid, so the exported int8 model would "
+                                             f"not be the one trained); set training.precision=fp32 or auto")
         return self
 
     def to_dict(self) -> dict:

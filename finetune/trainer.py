@@ -8,6 +8,8 @@ while fine-tuning it (the paper's fine-tune pruning baseline: the pre-training r
 pruner and schedule, on fine-tuning steps). Read top to bottom: setup, loop, checks, export.
 Where the masks live and how the state is saved is the engine adapter's (``engine.py``: DDP or the
 DeepSpeed plugin); the state follows the checkpoint protocol both recipes share.
+Precision (``training.precision``, :func:`run_precision`): the student's forward, the teacher's and
+every evaluation run under the same autocast (bf16 or fp16) or none (fp32); the weights stay fp32.
 Run: ``accelerate launch -m finetune --config RECIPE.yaml`` or ``prune-ofa finetune --config ...``.
 """
 from __future__ import annotations
@@ -28,8 +30,10 @@ from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.runtime import checkpoints
 from sparse_pretrain.runtime.atomic import replacing_dir, write_text
 from sparse_pretrain.runtime.optimizer import optimizer_groups
+from sparse_pretrain.runtime.precision import autocast, enable_tf32, resolve_precision
 from sparse_pretrain.runtime.preemption import PreemptionWatch, max_all_reduce
 from sparse_pretrain.runtime.run_identity import check_run, discard_run, files_identity, model_identity, run_identity
+from sparse_pretrain.runtime.schema import ConfigError
 
 LABEL_COLUMNS = ("labels", "start_positions", "end_positions")
 
@@ -61,19 +65,62 @@ def data_identity(task) -> dict:
     return {"data": f"hub:{task.name}"}
 
 
-def finetune_identity(recipe: FinetuneRecipe) -> dict:
+def finetune_identity(recipe: FinetuneRecipe, precision: str | None = None) -> dict:
     """What defines this fine-tuning (or QAT) run: every recipe key that changes results (all but
     :data:`NOT_IN_IDENTITY`), and the contents of the model, the teacher and the data. Cheap: a
-    large weight file is read at both ends only."""
-    return run_identity(recipe.to_dict(), NOT_IN_IDENTITY, {
+    large weight file is read at both ends only. ``precision``: the one ``training.precision``
+    resolved to (:func:`run_precision`), recorded instead of the request, so that ``auto`` on a GPU
+    (bf16) and on a CPU (fp32) are different runs and ``auto`` and ``fp32`` on a CPU the same one.
+    An fp32 run's identity is what it was before the key existed."""
+    tree = recipe.to_dict()
+    if precision is not None:
+        tree["training"]["precision"] = precision
+    if tree["training"]["precision"] == "fp32":   # the one precision before the key existed: those runs resume
+        del tree["training"]["precision"]
+    return run_identity(tree, NOT_IN_IDENTITY, {
         "model": model_identity(recipe.model.name_or_path),
         "teacher": model_identity(recipe.distillation.teacher), **data_identity(recipe.task)})
 
 
-def make_accelerator(seed: int, logging_dir: Path | None = None):
+def uses_deepspeed() -> bool:
+    """Whether this process runs Accelerate's DeepSpeed plugin (``accelerate launch --use_deepspeed``)."""
+    import os
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def training_device_type() -> str:
+    """The device type Accelerate will train this process on, known before it starts: cuda where torch
+    sees a GPU, unless ``ACCELERATE_USE_CPU`` is set (``prune-ofa launch`` sets it for CPU runs)."""
+    from accelerate.utils import parse_flag_from_env
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
+
+
+def run_precision(recipe: FinetuneRecipe, device_type: str) -> str:
+    """The precision the run trains, evaluates and runs its teacher in (``bf16``, ``fp16`` or ``fp32``),
+    or a ConfigError naming ``training.precision``, before anything loads. QAT: fp32 (the recipe
+    refuses bf16/fp16 for it, saying why)."""
+    if recipe.qat.enabled:
+        return "fp32"
+    precision = resolve_precision(recipe.training.precision, device_type, "training.precision", ConfigError)
+    if precision == "fp16" and uses_deepspeed():
+        raise ConfigError("training.precision: fp16 under Accelerate's DeepSpeed plugin is not supported (its loss "
+                          "scaling exists only in DeepSpeed's fp16 mode, which keeps 16-bit weights); use bf16 or "
+                          "fp32, or plain DDP (no ZeRO stage) for fp16")
+    return precision
+
+
+def make_accelerator(seed: int, logging_dir: Path | None = None, precision: str = "fp32"):
     """Under a launcher, the process group with the backend this machine has (gloo on CPU: Accelerate's
     DeepSpeed plugin needs it said); one plain process otherwise. The training order is a function of
-    (seed, epoch) alone (Accelerate's seedable sampler), so a resumed run sees the same batches."""
+    (seed, epoch) alone (Accelerate's seedable sampler), so a resumed run sees the same batches.
+
+    ``precision`` (resolved) becomes ``Accelerator(mixed_precision=...)``, which Accelerate prefers to
+    ``ACCELERATE_MIXED_PRECISION`` (what ``accelerate launch --mixed_precision`` and its config file
+    set), so the recipe decides: under DDP, autocast around the prepared model's forward (and loss
+    scaling for fp16). Under the DeepSpeed plugin Accelerate would hand bf16 to DeepSpeed's bf16 mode
+    (bf16 weights, LayerNorm and softmax in bf16, a bf16 exported model): there it gets "no", and the
+    loop's own autocast (:func:`~sparse_pretrain.runtime.precision.autocast`) gives the same mixed
+    precision as under DDP, with fp32 weights."""
     import os
 
     from accelerate import Accelerator
@@ -84,12 +131,13 @@ def make_accelerator(seed: int, logging_dir: Path | None = None):
     data = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
     # the LR schedule counts optimizer steps of this loop (already per process); by default Accelerate
     # would step it once per process per optimizer step, ending the schedule early under N processes
-    options = {"dataloader_config": data, "step_scheduler_with_optimizer": False}
+    mixed = "no" if precision == "fp32" or uses_deepspeed() else precision
+    options = {"dataloader_config": data, "step_scheduler_with_optimizer": False, "mixed_precision": mixed}
     if logging_dir is not None:   # TensorBoard through Accelerate's tracker: <logging_dir>/tensorboard, rank 0
         from accelerate.utils import ProjectConfiguration
         options.update(log_with="tensorboard",
                        project_config=ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir)))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if uses_deepspeed():
         from sparse_pretrain.zero.patches import skip_cpu_shm_build
         skip_cpu_shm_build()      # Accelerate's DeepSpeed plugin starts DeepSpeed's runtime: no ~60 s op build
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -125,14 +173,14 @@ def mask_update_record(step: int, target: float, pruner) -> dict:
             "layer_min": min(report.values()), "layer_max": max(report.values())}
 
 
-def evaluate(accelerator, model, head, loaders: dict) -> dict:
-    """Metrics on every evaluation split, with dropout off, then back to train mode. The random
-    number generators come out as they went in: an evaluation DataLoader's iterator draws its seed
-    from the global generator, which would shift every later dropout mask, so the trained weights
-    would depend on ``eval_every``, and a run resumed from a state saved just before an evaluation
-    (its RNG saved before the draw) would leave the uninterrupted run's path."""
+def evaluate(accelerator, model, head, loaders: dict, precision: str = "fp32") -> dict:
+    """Metrics on every evaluation split, with dropout off, in the training's ``precision``, then back
+    to train mode. The random number generators come out as they went in: an evaluation DataLoader's
+    iterator draws its seed from the global generator, which would shift every later dropout mask, so
+    the trained weights would depend on ``eval_every``, and a run resumed from a state saved just
+    before an evaluation (its RNG saved before the draw) would leave the uninterrupted run's path."""
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), autocast(precision, accelerator.device):
         model.eval()
         results = {split: head.evaluate(model, loader, split, accelerator.gather_for_metrics)
                    for split, loader in loaders.items()}
@@ -142,9 +190,11 @@ def evaluate(accelerator, model, head, loaders: dict) -> dict:
 
 def distillation_loss(student_out, teacher_out, head, temperature: float) -> torch.Tensor:
     """Soft cross-entropy at temperature T, averaged over the head's logits (the class logits; or
-    the start and end logits of SQuAD)."""
+    the start and end logits of SQuAD), in fp32 whatever the logits' precision (a copy of the
+    teacher's: they were made under inference mode)."""
     pairs = list(zip(head.distilled_logits(student_out), head.distilled_logits(teacher_out)))
-    return sum(soft_cross_entropy(s, t.clone(), temperature) for s, t in pairs) / len(pairs)
+    return sum(soft_cross_entropy(s.float(), t.to(torch.float32, copy=True), temperature)
+               for s, t in pairs) / len(pairs)
 
 
 def run(recipe: FinetuneRecipe) -> dict:
@@ -154,15 +204,19 @@ def run(recipe: FinetuneRecipe) -> dict:
     t, d = recipe.training, recipe.distillation
     output_dir = Path(t.output_dir)
     state_dir = output_dir / "state"
+    precision = run_precision(recipe, training_device_type())   # fp16 on a CPU: ConfigError, nothing loaded
     # another run's state or model in output_dir: refused here (ConfigError), before anything loads,
     # on every process alike (each reads the same record); or marked for discarding
-    identity = finetune_identity(recipe)
+    identity = finetune_identity(recipe, precision)
     discard = check_run(output_dir, identity, t.discard_different_run)
     head = head_for(recipe.task)
     data = head.load(recipe.task.data_files, seed=t.seed)           # bad columns/labels fail here
     if d.teacher:
         head.check_teacher(AutoConfig.from_pretrained(d.teacher))   # before any weights load
-    accelerator = make_accelerator(t.seed, output_dir)
+    accelerator = make_accelerator(t.seed, output_dir, precision)
+    tf32 = enable_tf32(precision) and accelerator.device.type == "cuda"
+    accelerator.print(f"precision: {precision} (training.precision={t.precision}, on {accelerator.device}; TF32 "
+                      f"{'on' if tf32 else 'off'})", flush=True)
     if accelerator.is_main_process:   # one process changes the directory, the others wait for it
         if discard:
             removed = discard_run(output_dir)
@@ -175,13 +229,15 @@ def run(recipe: FinetuneRecipe) -> dict:
     watch = PreemptionWatch(all_reduce=any_rank, watch_file=accelerator.is_main_process)
     torch.manual_seed(t.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    model = head.model_class().from_pretrained(recipe.model.name_or_path, **head.model_kwargs())
+    # fp32 weights whatever the checkpoint's dtype (transformers loads a bf16 one as bf16): mixed
+    # precision trains fp32 weights under autocast
+    model = head.model_class().from_pretrained(recipe.model.name_or_path, dtype=torch.float32, **head.model_kwargs())
     if recipe.qat.enabled:   # fake-quantized encoder Linears, weights still the same Parameters
         from finetune.quantization import prepare_qat
         prepare_qat(model, per_channel=recipe.qat.per_channel, reduce_range=recipe.qat.reduce_range)
     teacher = None
     if d.teacher:
-        teacher = head.model_class().from_pretrained(d.teacher).eval().requires_grad_(False)
+        teacher = head.model_class().from_pretrained(d.teacher, dtype=torch.float32).eval().requires_grad_(False)
 
     with accelerator.main_process_first():
         features = head.features(data, tokenizer)
@@ -234,10 +290,11 @@ def run(recipe: FinetuneRecipe) -> dict:
         for batch in accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader:
             if step >= total:
                 break
-            out = model(**batch)
+            with autocast(precision, accelerator.device):   # under DDP Accelerate's own, here for DeepSpeed
+                out = model(**batch)
             loss = d.lambda_task * out.loss if teacher is not None else out.loss
-            if teacher is not None:
-                with torch.inference_mode():
+            if teacher is not None:                   # the teacher in the student's precision
+                with torch.inference_mode(), autocast(precision, accelerator.device):
                     teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_COLUMNS})
                 loss = loss + d.lambda_kd * distillation_loss(out, teacher_out, head, d.temperature)
             accelerator.backward(loss)
@@ -267,7 +324,7 @@ def run(recipe: FinetuneRecipe) -> dict:
                 bar.close()
                 watch.requeue(output_dir, step, main=accelerator.is_main_process, say=accelerator.print)
             if t.eval_every and step % t.eval_every == 0:
-                history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders)})
+                history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders, precision)})
                 accelerator.log(eval_scalars(history[-1]), step=step)
     bar.close()
     watch.finish(output_dir, main=accelerator.is_main_process)
@@ -276,10 +333,11 @@ def run(recipe: FinetuneRecipe) -> dict:
     masked = engine.masks                             # the pattern-lock or the pruner, if any
     if masked is not None:
         masked.verify()
-    results = evaluate(accelerator, model, head, eval_loaders)
+    results = evaluate(accelerator, model, head, eval_loaders, precision)
     accelerator.log(eval_scalars(results), step=step)
     sparsity_after = masked.sparsity() if masked is not None else None
-    summary = {"task": recipe.task.name, "steps": step, "resumed_from_step": resumed_from, "metrics": results,
+    summary = {"task": recipe.task.name, "steps": step, "resumed_from_step": resumed_from, "precision": precision,
+               "metrics": results,
                "history": history,
                "sparsity": sparsity_after["global"] if masked is not None else None,
                "sparsity_unchanged": (sparsity_after == sparsity_before) if lock else None,

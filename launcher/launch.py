@@ -464,7 +464,10 @@ def accelerate_command(executable: str, rdzv: Rendezvous, payload: list[str], ze
     argv += [f"--num_processes={rdzv.world_size}", f"--num_machines={rdzv.nnodes}"]
     if multi:
         argv += [f"--machine_rank={rdzv.node_rank}", f"--main_process_ip={rdzv.master_addr}", "--same_network"]
-    # no mixed precision: the same numerics as `prune-ofa finetune` in one process
+    # --mixed_precision only sets ACCELERATE_MIXED_PRECISION (given, accelerate launch neither warns nor takes
+    # a default from the user's `accelerate config` file). The recipe's training.precision decides: the trainer
+    # passes it to Accelerator(mixed_precision=...), which Accelerate prefers to that variable (AcceleratorState
+    # reads the variable only when the argument is None; tests/unit/finetune/test_finetune_precision.py)
     return argv + [f"--main_process_port={rdzv.master_port}", "--mixed_precision=no", "--dynamo_backend=no",
                    *payload]
 
