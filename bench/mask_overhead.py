@@ -9,7 +9,8 @@ One process, one model shape, one batch; four copies of the same weights, each w
                   loop uses it (README, finetune/trainer.py without DeepSpeed): gradients of pruned
                   weights zeroed before the step (``mask_gradients``), weights re-masked in place
                   after it (``step``: the clock advances, no update is due, ``apply_masks``);
-                  masks are bool, one byte per weight
+                  masks are bool, one byte per weight, applied by ``zero_pruned_`` (the
+                  tensor's bit patterns, as integers, times the mask's bytes)
   nn.utils.prune  ``torch.nn.utils.prune.custom_from_mask`` with the same masks: the reference
                   code's approach, a forward pre-hook recomputing ``weight = weight_orig *
                   weight_mask`` every forward (float masks; the gradient reaches weight_orig
@@ -24,9 +25,11 @@ The variants are interleaved (dense, ours, prune, ao, dense, ...) for ``--rounds
 median over rounds of each variant's time divided by the dense time of the same round, in wall
 time and in this process's CPU time (less sensitive to other processes on a shared machine).
 Because a few percent drown in a shared machine's noise, the work each variant adds is also
-timed alone (``Run.maintenance``: ours, the two masked multiplies; the torch ways, building the
-masked weight for the forward and the backward of that product), ``--maintenance-repeats``
-times interleaved, median, and given as a share of the median dense step. After the
+timed alone (``Run.maintenance``: ours, the two in-place zeroing passes; the torch ways, building
+the masked weight for the forward and the backward of that product), ``--maintenance-repeats``
+times interleaved, median of wall and of CPU time, and given as a share of the median dense step.
+One more row times ours as it was before ``zero_pruned_``: ``mul_`` by the bool masks, which torch
+casts element by element on CPU (the same two passes; ``previous_upkeep``). After the
 run every masked variant is checked to hold zeros at every pruned position of the weights its
 forward uses (and the same number of zeros), so all three keep the same pattern.
 
@@ -63,6 +66,7 @@ from sparse_pretrain.core.methods import build_method
 from sparse_pretrain.core.pruner import GradualPruner
 
 VARIANTS = ("dense", "ours", "nn.utils.prune", "ao.pruning")
+PREVIOUS = "ours before zero_pruned_ (mul_ by bool), upkeep only"
 
 
 def module_of(model, weight_name: str):
@@ -102,7 +106,8 @@ class Run:
         ways, the masked weight built for the forward (the prune hook / the parametrization) and
         the backward of that product into the original weight."""
         if self.variant == "ours":
-            params = [dict(self.model.named_parameters())[n] for n in self.masks]
+            named = dict(self.model.named_parameters())
+            params = [named[n] for n in self.masks]
             for p, n in zip(params, self.masks):
                 p.grad = grads[n]
             self.pruner.mask_gradients()
@@ -122,6 +127,14 @@ class Run:
         torch.autograd.backward(weights, [grads[n] for n in self.masks])
         for o in originals:
             o.grad = None
+
+    def previous_upkeep(self, grads: dict) -> None:
+        """Ours before ``zero_pruned_`` (for reference): ``mul_`` by the bool masks, gradients then weights."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.pruner.masks.items():
+                grads[name].view(-1).mul_(mask)
+                params[name].view(-1).mul_(mask)
 
     def mask_bytes(self) -> int:
         if self.variant == "ours":
@@ -233,14 +246,17 @@ def main():
                 module_of(runs["ao.pruning"].model, name).parametrizations.weight[0].mask.copy_(mask)
     # the maintenance work alone, interleaved, many repetitions (short, so much less noisy)
     grads = {n: torch.randn(m.shape, device=device) for n, m in masks.items()}
-    alone = {v: [] for v in VARIANTS[1:]}
+    upkeep = {v: runs[v].maintenance for v in VARIANTS[1:]}
+    upkeep[PREVIOUS] = runs["ours"].previous_upkeep
+    alone, alone_cpu = {v: [] for v in upkeep}, {v: [] for v in upkeep}
     for _ in range(args.maintenance_repeats + 1):
-        for variant, series in alone.items():
+        for variant, work in upkeep.items():
             sync()
-            start = time.perf_counter()
-            runs[variant].maintenance(grads)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            work(grads)
             sync()
-            series.append(time.perf_counter() - start)
+            alone[variant].append(time.perf_counter() - start)
+            alone_cpu[variant].append(time.process_time() - start_cpu)
     zeros = check_same_zeros(runs, masks)
 
     times = {v: t[1:] for v, t in times.items()}   # the first round warms up
@@ -256,12 +272,14 @@ def main():
           f"{len(masks)} pruned weights, {pruned:,} elements at {args.sparsity:.0%} "
           f"({zeros:,} zeros, the same in all three); median of {args.rounds} rounds x {args.steps} steps")
     print("| variant | step (ms) | ratio vs dense (wall) | ratio vs dense (CPU time) | maintenance work alone "
-          "(ms/step) | alone / dense step | mask bytes held |")
-    print("|---|---|---|---|---|---|---|")
-    for v in VARIANTS:
+          "(ms/step) | alone, CPU time (ms/step) | alone / dense step | mask bytes held |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in (*VARIANTS, PREVIOUS):
         work = statistics.median(alone[v][1:]) if v in alone else 0.0
-        print(f"| {v} | {median[v] * 1e3:.1f} | {ratio[v]:.3f} | {cpu_ratio[v]:.3f} | {work * 1e3:.1f} | "
-              f"{work / median['dense']:.2%} | {runs[v].mask_bytes():,} |")
+        work_cpu = statistics.median(alone_cpu[v][1:]) if v in alone else 0.0
+        step = (f"{median[v] * 1e3:.1f} | {ratio[v]:.3f} | {cpu_ratio[v]:.3f}" if v in median else "- | - | -")
+        held = runs["ours" if v == PREVIOUS else v].mask_bytes()
+        print(f"| {v} | {step} | {work * 1e3:.1f} | {work_cpu * 1e3:.1f} | {work / median['dense']:.2%} | {held:,} |")
     print()
     print(f"| mask recomputation | once (ms) | amortized over f = {args.interval} (ms/step) | share of a dense step |")
     print("|---|---|---|---|")

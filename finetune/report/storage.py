@@ -15,8 +15,9 @@ export is such a format:
 
 The file is a safetensors file; the per-tensor encodings sit in its header's metadata.
 :func:`load_compact` rebuilds the dense tensors: bit for bit, except that a pruned zero always
-comes back as +0.0 (the pruner's ``w * mask`` leaves -0.0 where a negative weight was pruned; the
-two are the same number and the sign of a pruned zero carries nothing).
+comes back as +0.0 (the pruner writes +0.0, but a checkpoint made by ``w * mask``, as the pruner
+did before and other tools do, holds -0.0 where a negative weight was pruned; the two are the
+same number and the sign of a pruned zero carries nothing).
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ def tiny_classifier(seed=0):
 
 
 def prune_exactly(model, sparsity):
-    """Zero the round(s*n) smallest magnitudes of each pruned Linear, as the pruner does
-    (``w * mask``, so pruned negative weights become -0.0). Returns {name: zeros}."""
+    """Zero the round(s*n) smallest magnitudes of each pruned Linear by ``w * mask``, as other tools do
+    (pruned negative weights become -0.0; the pruner writes +0.0). Returns {name: zeros}."""
     zeros = {}
     with torch.no_grad():
         for name, w in find_prunable(model):
