@@ -18,6 +18,9 @@ interleaved round by round, each a full AdamW step of the student:
                           rows as before) + chunked KD
   kd masked, today        before: ``positions: masked``, both models still project every position
   kd masked               now: both heads at the masked rows only, chunked KD
+  kd all, compiled        with ``--compile``: "kd all" on copies of the models whose encoders are
+                          compiled (``training.compile``: ``sparse_pretrain.trainer.compile_encoders``,
+                          inductor); the compile time is reported apart
 
 Losses: L = lambda_pt * L_mlm + lambda_kd * L_kd with the recipes' 0.5 / 0.5, T = 2; models are
 ``BertForMaskedLM`` (BERT's NSP term adds a 2-way soft cross-entropy, negligible here). Before timing,
@@ -97,10 +100,19 @@ def setup(args):
     from sparse_pretrain.runtime.optimizer import optimizer_groups
     optimizer = torch.optim.AdamW(optimizer_groups(student, 0.01), lr=1e-5)
     batch = make_batch(student.config.vocab_size, args.batch, args.seq, device, args.mlm)
-    return device, sync, student, optimizer, batch, Losses(student, teacher, autocast)
+    losses = Losses(student, teacher, autocast)
+    if args.compile:
+        from sparse_pretrain.trainer import compile_encoders
+        compiled = Losses(copy.deepcopy(student), copy.deepcopy(teacher), autocast)
+        compile_encoders(compiled.student, compiled.teacher)
+        compiled.optimizer = torch.optim.AdamW(optimizer_groups(compiled.student, 0.01), lr=1e-5)
+        losses.compiled = compiled
+    return device, sync, student, optimizer, batch, losses
 
 
 def step(losses, optimizer, variant, batch):
+    if variant.endswith("compiled"):
+        losses, optimizer, variant = losses.compiled, losses.compiled.optimizer, variant.replace(", compiled", "")
     losses(variant, batch).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -131,12 +143,20 @@ def main():
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds counted (one more warms up)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each variant's step")
+    parser.add_argument("--compile", action="store_true", help="also the variant with compiled encoders")
     parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)
     add_device_arguments(parser, threads=1, bf16_help="student under bf16 autocast, teacher in bf16")
     args = parser.parse_args()
     if args.peak_of:
         return peak_of(args)
     device, sync, student, optimizer, batch, losses = setup(args)
+    variants = VARIANTS + (("kd all, compiled",) if args.compile else ())
+    compile_s = None
+    if args.compile:                    # the first step compiles (forward and backward graphs)
+        start = time.perf_counter()
+        step(losses, optimizer, "kd all, compiled", batch)
+        sync()
+        compile_s = time.perf_counter() - start
 
     student.eval()                      # each new variant is its "today" variant's loss (no dropout)
     with torch.no_grad():
@@ -145,10 +165,10 @@ def main():
             assert torch.allclose(a, b, rtol=1e-2 if args.bf16 else 1e-4), (new, float(a), float(b))
     student.train()
 
-    times = {v: [] for v in VARIANTS}
-    cpu = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for _ in range(args.rounds + 1):
-        for variant in VARIANTS:
+        for variant in variants:
             sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
@@ -160,8 +180,8 @@ def main():
     cpu = {v: t[1:] for v, t in cpu.items()}
     memory = {}
     if args.memory:
-        for variant in VARIANTS:
-            argv = [a for a in sys.argv[1:] if a != "--memory"]
+        for variant in VARIANTS:        # (the compiled variant's first steps would count the compiler's memory)
+            argv = [a for a in sys.argv[1:] if a not in ("--memory", "--compile")]
             done = subprocess.run([sys.executable, __file__, *argv, "--peak-of", variant], capture_output=True,
                                   text=True, check=True)
             memory[variant] = json.loads(done.stdout.strip().splitlines()[-1])["added_mib"]
@@ -179,12 +199,15 @@ def main():
           "vocabulary rows projected (student + teacher) | peak MiB a step adds |")
     print("|---|---|---|---|---|---|---|")
     rows = {"student, today": tokens, "student": masked, "kd all, today": 2 * tokens, "kd all, chunked": 2 * tokens,
-            "kd all": 2 * tokens, "kd masked, today": 2 * tokens, "kd masked": 2 * masked}
-    for v in VARIANTS:
-        today = v if v not in SAME_LOSS else SAME_LOSS[v]
+            "kd all": 2 * tokens, "kd masked, today": 2 * tokens, "kd masked": 2 * masked,
+            "kd all, compiled": 2 * tokens}
+    for v in variants:
+        today = SAME_LOSS.get(v, "kd all, today" if v.startswith("kd all") else v)
         print(f"| {v} | {statistics.median(times[v]) * 1e3:.1f} | {ratio(times, v, 'student, today'):.3f} | "
               f"{ratio(cpu, v, 'student, today'):.3f} | {ratio(times, v, today):.3f} | {rows[v]:,} | "
               f"{memory.get(v, float('nan')):.0f} |")
+    if compile_s is not None:
+        print(f"compiling the encoders (first step of \"kd all, compiled\"): {compile_s:.1f} s")
 
 
 if __name__ == "__main__":
