@@ -26,9 +26,11 @@ Losses: L = lambda_pt * L_mlm + lambda_kd * L_kd with the recipes' 0.5 / 0.5, T 
 ``BertForMaskedLM`` (BERT's NSP term adds a 2-way soft cross-entropy, negligible here). Before timing,
 each new variant's loss is checked equal to its "today" variant's (eval mode, no step).
 Reported: median step time over rounds (the first warms up), per-round ratios (median) to "student,
-today", and with ``--memory`` the peak memory two steps add, each variant in its own process (on
-CPU the peak RSS during the steps minus the RSS before them). It includes AdamW's two moments,
-created by the first step, the same for every variant (2 x 4 bytes x parameters).
+today", and with ``--memory`` the peak memory of a step's forward and backward: on GPU
+``torch.cuda.max_memory_allocated`` above what was allocated before; on CPU the peak bytes of the
+tensors the step creates and holds at once (``LiveTensorBytes``, per storage; torch keeps no CPU
+allocator statistics). The parameters and AdamW's state are not counted; their gradients are,
+the same for every variant.
 
 One thread by default (``--threads``): with two threads on a shared 2-core machine every parallel
 region waits for a worker thread the other load has descheduled; one thread keeps the ratios steady.
@@ -42,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _mlm_bench import add_device_arguments, add_model_argument, build_model, device_setup, make_batch
 
@@ -118,20 +118,51 @@ def step(losses, optimizer, variant, batch):
     optimizer.zero_grad(set_to_none=True)
 
 
-def peak_of(args) -> None:
-    """One variant in this process: the memory two steps add (printed as JSON)."""
-    device, sync, student, optimizer, batch, losses = setup(args)
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak bytes of the tensors created inside the block and still alive, counted per storage
+    (a storage counts while any tensor an op returned on it lives): on CPU torch has no allocator
+    statistics, and the process's peak RSS also holds what the allocator keeps after a free."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.now -= self.live.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                key = tensor.untyped_storage().data_ptr()
+                if key not in self.live:
+                    self.live[key], self.refs[key] = tensor.untyped_storage().nbytes(), 0
+                    self.now += self.live[key]
+                    self.peak = max(self.peak, self.now)
+                self.refs[key] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def peak_memory(losses, variant: str, batch: dict, device) -> float:
+    """MiB: the peak of what the loss, its forward and its backward hold at once (the optimizer step,
+    the same for every variant, is left out)."""
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        losses(variant, batch).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(2):
-        step(losses, optimizer, args.peak_of, batch)
-    sync()
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"variant": args.peak_of, "added_mib": max(0, peak - before) / 2**20}))
+        with LiveTensorBytes() as counter:
+            losses(variant, batch).backward()
+        peak = counter.peak
+    losses.student.zero_grad(set_to_none=True)
+    return peak / 2**20
 
 
 def main():
@@ -144,11 +175,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="rounds counted (one more warms up)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each variant's step")
     parser.add_argument("--compile", action="store_true", help="also the variant with compiled encoders")
-    parser.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)
     add_device_arguments(parser, threads=1, bf16_help="student under bf16 autocast, teacher in bf16")
     args = parser.parse_args()
-    if args.peak_of:
-        return peak_of(args)
     device, sync, student, optimizer, batch, losses = setup(args)
     variants = VARIANTS + (("kd all, compiled",) if args.compile else ())
     compile_s = None
@@ -180,11 +208,8 @@ def main():
     cpu = {v: t[1:] for v, t in cpu.items()}
     memory = {}
     if args.memory:
-        for variant in VARIANTS:        # (the compiled variant's first steps would count the compiler's memory)
-            argv = [a for a in sys.argv[1:] if a not in ("--memory", "--compile")]
-            done = subprocess.run([sys.executable, __file__, *argv, "--peak-of", variant], capture_output=True,
-                                  text=True, check=True)
-            memory[variant] = json.loads(done.stdout.strip().splitlines()[-1])["added_mib"]
+        for variant in VARIANTS:          # (not the compiled one: its kernels bypass the dispatch mode)
+            memory[variant] = peak_memory(losses, variant, batch, device)
 
     def ratio(series, v, base):
         return statistics.median(x / y for x, y in zip(series[v], series[base]))

@@ -113,11 +113,14 @@ def pretraining_losses(student, teacher: Optional[torch.nn.Module], batch: dict,
 
     masked = labels != IGNORE_INDEX
     kd = teacher is not None and weights is not None
-    rows = kd_positions(batch.get("attention_mask"), labels, weights.positions) | masked if kd else masked
+    # the rows the heads project: the masked positions, or with KD over all positions the
+    # non-padding ones (which hold the masked ones: the collator masks tokens, never padding)
+    every_token = kd and weights.positions == "all"
+    rows = kd_positions(batch.get("attention_mask"), labels, "all") | masked if every_token else masked
     output = _forward_rows(student, inputs, rows)
-    logits = mlm_logits(output)                                   # [rows, V]
-    picked = masked[rows]                                         # which of those rows are masked
-    loss_pt = F.cross_entropy(logits[picked].float(), labels[masked])
+    logits = mlm_logits(output)                                   # [rows, V], in hidden[rows] order
+    mlm_rows = logits[masked[rows]] if every_token else logits    # no copy where every row is masked
+    loss_pt = F.cross_entropy(mlm_rows.float(), labels[masked])
     if nsp:
         loss_pt = loss_pt + F.cross_entropy(output.seq_relationship_logits.float().view(-1, 2),
                                             batch["next_sentence_label"].view(-1))
@@ -127,8 +130,7 @@ def pretraining_losses(student, teacher: Optional[torch.nn.Module], batch: dict,
         return terms
     with torch.no_grad():
         teacher_out = _forward_rows(teacher, inputs, rows)
-    distilled = kd_positions(batch.get("attention_mask"), labels, weights.positions)[rows]
-    student_rows, teacher_rows = logits[distilled], mlm_logits(teacher_out)[distilled]
+    student_rows, teacher_rows = logits, mlm_logits(teacher_out)  # KD reads every row projected
     kd_mlm = (chunked_soft_cross_entropy(student_rows, teacher_rows, weights.temperature, weights.chunk_rows)
               if weights.chunk_rows else soft_cross_entropy(student_rows, teacher_rows, weights.temperature))
     loss_kd = kd_mlm
