@@ -21,6 +21,14 @@ $(STAMP): setup.py constraints.txt Makefile
 
 venv: $(STAMP)
 
+# The same environment for a GPU cluster, built on a GPU node (slurm/build-env.sh says how, and how to run it
+# with sbatch): the CUDA build of the pinned torch (TORCH_CUDA=cu130|cu128|cu126, default: what the node's
+# driver runs), then `make venv`; DeepSpeed ops JIT, or built ahead with DS_BUILD_FUSED_ADAM=1 and the like.
+# make venv-cuda VENV=/shared/envs/prune-ofa
+.PHONY: venv-cuda
+venv-cuda:
+	bash slurm/build-env.sh $(VENV)
+
 # The linter (rules in ruff.toml, version pinned in constraints.txt); `make test` runs it first.
 lint: venv
 	$(PY) -m ruff check .

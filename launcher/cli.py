@@ -154,6 +154,11 @@ def cmd_launch(args) -> int:
     return run(plan)
 
 
+def cmd_env(args) -> int:
+    from launcher.env_report import run_env
+    return run_env(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-ofa",
@@ -249,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("overrides", nargs="*", metavar="key=value",
                          help="recipe overrides (report: its own arguments, after --)")
         one.set_defaults(func=cmd_launch)
+    env = sub.add_parser("env", help="what this machine offers the project (torch, CUDA, GPUs, DeepSpeed ops, ...) "
+                                     "and how to fix what is missing",
+                         description="A report in the manner of ds_report and accelerate env: Python, torch and "
+                                     "its CUDA build, driver, NCCL, GPUs (bf16, TF32), transformers, accelerate, "
+                                     "datasets, DeepSpeed and its ops, nvcc and ninja, SLURM, the offline assets; "
+                                     "then one line per gap with the command that fixes it. Exit code 0 (it is a "
+                                     "diagnosis) unless --require-gpu finds no usable GPU.")
+    from launcher.env_report import add_env_arguments
+    add_env_arguments(env)
+    env.set_defaults(func=cmd_env)
     demo = sub.add_parser("demo", help="the demo that `make demo` runs (offline, CPU)",
                           description="The whole Prune Once for All chain on the packaged MiniLM-L6 and the "
                                       "offline RT sentiment task (the pipeline configs/pipelines/minilm-rt.yaml, "
