@@ -133,7 +133,7 @@ class FinetuneRecipe(Section):
     member_word = "section"
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    distillation: DistillationConfig = Field(default_factory=dict, validate_default=True)   # checked as a section
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     qat: QATConfig = Field(default_factory=QATConfig)
     pruning: Optional[FinetunePruningConfig] = None   # absent or null: no pruning (dense or pattern-locked)

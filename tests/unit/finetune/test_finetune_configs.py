@@ -6,6 +6,7 @@ import pytest
 
 from finetune.heads import QuestionAnsweringHead, head_for
 from finetune.recipe import load_finetune_recipe
+from sparse_pretrain.runtime.schema import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs" / "finetune").glob("*.yaml"))
 PAPER_TASKS = ("squad", "mnli", "qqp", "qnli", "sst2")
@@ -41,3 +42,8 @@ def test_squad_doc_stride_must_be_smaller_than_the_window():
     from sparse_pretrain.runtime.schema import ConfigError
     with pytest.raises(ConfigError, match=re.escape("task.doc_stride")):
         load_finetune_recipe("configs/finetune/squad-bert-base-85.yaml", ["task.doc_stride=384"])
+
+
+def test_a_recipe_without_a_distillation_section_names_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"^distillation\.lambda_task: is 0 and there is no distillation\.teacher"):
+        load_finetune_recipe(None, [])
