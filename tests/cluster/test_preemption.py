@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from launcher.submit import requeue_snippet
-from slurm_cluster import job_env, model_tensors, tiny_student, tiny_student_reference
+from slurm_cluster import job_env, model_tensors, shared_dir, tiny_student, tiny_student_reference
 from sparse_pretrain.runtime.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_FILE_ENV, PreemptionWatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +180,7 @@ def test_snippet_passes_other_exit_codes_through_without_requeue(tmp_path):
 
 @pytest.mark.slow
 def test_preempted_job_checkpoints_is_requeued_and_ends_like_an_uninterrupted_run(slurm_cluster, tmp_path_factory):
-    shared = tmp_path_factory.getbasetemp() / "slurm-student"
+    shared = shared_dir(tmp_path_factory, "slurm-student")
     recipe = tiny_student(shared)                      # 12 steps, no periodic checkpoint
     root = tmp_path_factory.mktemp("preempt")
     out = root / "run"
@@ -202,6 +202,7 @@ prune_ofa_preemptible {out} {sys.executable} -m torch.distributed.run --nproc-pe
             log_file.read_text()[-5000:] if log_file.exists() else slurm_cluster.job(job)
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env, check=True)
+    reference = tiny_student_reference(shared)   # uninterrupted, local torchrun: made while the job requeues
     state = slurm_cluster.wait(job, 600)
     log = log_file.read_text()
     assert state == "COMPLETED", log[-5000:]
@@ -216,6 +217,6 @@ prune_ofa_preemptible {out} {sys.executable} -m torch.distributed.run --nproc-pe
     assert not (out / PREEMPTED_MARKER).exists() and not (out / "STOP").exists()
 
     _, weights = model_tensors(out / "model")
-    _, reference = model_tensors(tiny_student_reference(shared))   # uninterrupted, local torchrun
+    _, reference = model_tensors(reference)
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[n], reference[n]) for n in weights)

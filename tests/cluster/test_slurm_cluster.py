@@ -15,6 +15,7 @@ from slurm_cluster import (
     missing_binaries,
     model_tensors,
     process_state,
+    shared_dir,
     tiny_student,
     tiny_student_reference,
 )
@@ -87,22 +88,23 @@ srun --ntasks-per-node=1 bash -c {shlex.quote('echo "node $SLURM_NODEID on $SLUR
 
 @pytest.mark.slow
 def test_student_pruning_on_two_nodes_has_the_masks_of_a_local_run(slurm_cluster, tmp_path_factory):
-    shared = tmp_path_factory.getbasetemp() / "slurm-student"
+    shared = shared_dir(tmp_path_factory, "slurm-student")
     recipe = tiny_student(shared)
     root = tmp_path_factory.mktemp("two-nodes")
     jobs = {}
-    for stage in (2, 3):       # two CPUs per node each: SLURM runs them one after the other
+    for stage in (2, 3):       # one CPU per node each: SLURM runs both at once
         script = two_node_script(recipe, f"training.output_dir={root / f'slurm-z{stage}'}",
                                  f"training.zero_stage={stage}")
-        jobs[stage] = slurm_cluster.submit(script, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2",
+        jobs[stage] = slurm_cluster.submit(script, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                                            f"--output={root}/z{stage}-%j.out", "--export=ALL", env=job_env())
+    # while the jobs run: the local torchrun, 2 ranks, ZeRO-2 (made once, shared with test_preemption.py)
+    local_masks, local_weights = model_tensors(tiny_student_reference(shared))
     for stage, job in jobs.items():
         state = slurm_cluster.wait(job, 600)
         log = read_output(slurm_cluster, job)
         assert state == "COMPLETED", log[-5000:]
         assert f"x 2 ranks, ZeRO-{stage}" in log          # world size 2: one rank per node
         assert "node 0 on node1" in log and "node 1 on node2" in log
-    local_masks, local_weights = model_tensors(tiny_student_reference(shared))   # local torchrun, 2 ranks, ZeRO-2
     assert len(local_masks) == 2 * 6 + 1 and all(m.any() for m in local_masks.values())
     for stage in (2, 3):
         masks, weights = model_tensors(root / f"slurm-z{stage}" / "model")

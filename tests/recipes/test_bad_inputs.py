@@ -807,8 +807,8 @@ def test_two_nodes_under_slurm_show_the_message_once(slurm_cluster, tmp_path_fac
     it) and the job ends with exit code 2."""
     import shlex
 
-    from slurm_cluster import job_env, tiny_student
-    recipe = tiny_student(tmp_path_factory.getbasetemp() / "slurm-student")
+    from slurm_cluster import job_env, shared_dir, tiny_student
+    recipe = tiny_student(shared_dir(tmp_path_factory, "slurm-student"))
     root = tmp_path_factory.mktemp("two-nodes-bad")
     jobs = {}
     for name, override, key in (("bad-path", f"model.name_or_path={root / 'runs' / 'modle'}", "model.name_or_path"),

@@ -13,11 +13,14 @@ files, never by name.
     assert cluster.wait(job, 60) == "COMPLETED"
     cluster.stop()
 
-``slurm_cluster`` (tests/conftest.py) is one session-wide instance; a missing SLURM skips its tests.
+``slurm_cluster`` (tests/conftest.py) is one instance per pytest process (each xdist worker that runs a
+test on it starts its own, on ports of its own); a missing SLURM skips its tests.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -359,32 +362,49 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 # -- a tiny student pruning for jobs on the cluster (test_slurm_cluster.py, test_preemption.py) --
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """``name`` in the temporary directory that every xdist worker of this pytest run shares (a
+    worker's own is a folder in it), so that what one worker builds there the others reuse."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on the file ``lock`` (another worker building the same thing waits)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def tiny_student(root: Path) -> Path:
     """The tiny BERT, corpus, student recipe (12 steps, masks final after step 4, no periodic
-    checkpoint) and its prepared data under ``root``, made once for every test module given the same
-    root; returns the recipe."""
+    checkpoint) and its prepared data under ``root``, made once for every test module (and every
+    worker, see ``shared_dir``) given the same root; returns the recipe."""
     from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
     recipe = root / "student.yaml"
-    if (root / "READY").is_file():
-        return recipe
-    root.mkdir(parents=True, exist_ok=True)
-    model = make_tiny_bert(root / "tiny-bert")
-    corpus = make_corpus(root / "corpus.jsonl")
-    write_recipe(
-        recipe, stage="student",
-        model={"name_or_path": str(model)},
-        data={"data_files": [str(corpus)], "max_seq_length": 32, "cache_dir": str(root / "prepared"),
-              "validation_fraction": 0.05},
-        training={"total_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
-                  "warmup_steps": 1, "save_interval": 1000, "log_interval": 1, "eval_interval": 1000,
-                  "eval_batches": 1, "dataloader_workers": 0, "zero3_persistence_threshold": 0,
-                  "output_dir": str(root / "unused")},
-        pruning={"final_sparsity": 0.9, "start": 0, "policy_end": 4, "end": 4, "interval": 2})
-    prune_ofa = Path(sys.executable).parent / "prune-ofa"
-    done = subprocess.run([str(prune_ofa), "prepare-data", "--config", str(recipe)], env=env(),
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (root / "READY").write_text("")
+    with _exclusive(root.with_name(root.name + ".student.lock")):
+        if (root / "READY").is_file():
+            return recipe
+        root.mkdir(parents=True, exist_ok=True)
+        model = make_tiny_bert(root / "tiny-bert")
+        corpus = make_corpus(root / "corpus.jsonl")
+        write_recipe(
+            recipe, stage="student",
+            model={"name_or_path": str(model)},
+            data={"data_files": [str(corpus)], "max_seq_length": 32, "cache_dir": str(root / "prepared"),
+                  "validation_fraction": 0.05},
+            training={"total_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
+                      "warmup_steps": 1, "save_interval": 1000, "log_interval": 1, "eval_interval": 1000,
+                      "eval_batches": 1, "dataloader_workers": 0, "zero3_persistence_threshold": 0,
+                      "output_dir": str(root / "unused")},
+            pruning={"final_sparsity": 0.9, "start": 0, "policy_end": 4, "end": 4, "interval": 2})
+        prune_ofa = Path(sys.executable).parent / "prune-ofa"
+        done = subprocess.run([str(prune_ofa), "prepare-data", "--config", str(recipe)], env=env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (root / "READY").write_text("")
     return recipe
 
 
@@ -394,9 +414,10 @@ def tiny_student_reference(root: Path) -> Path:
     from pretrain_fixtures import torchrun
     recipe = tiny_student(root)
     out = root / "reference"
-    if not (out / "model" / "sparsity.json").is_file():
-        done = torchrun(2, recipe, f"training.output_dir={out}", "training.zero_stage=2")
-        assert "x 2 ranks, ZeRO-2" in done.stdout
+    with _exclusive(root.with_name(root.name + ".reference.lock")):
+        if not (out / "model" / "sparsity.json").is_file():
+            done = torchrun(2, recipe, f"training.output_dir={out}", "training.zero_stage=2")
+            assert "x 2 ranks, ZeRO-2" in done.stdout
     return out / "model"
 
 
@@ -419,11 +440,14 @@ def model_tensors(model_dir: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """One real SLURM cluster (controller + node1, node2) for the whole session."""
+    """One real SLURM cluster (controller + node1, node2) for the whole session of this process."""
     missing = missing_binaries()
     if missing:
         pytest.skip(f"SLURM not installed ({', '.join(missing)} missing): run `make slurm-deps`")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    except RuntimeError:    # a daemon exited at start: a port picked free was taken before it bound it
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()   # (another worker's cluster?): new ports
     try:
         yield cluster
     finally:
