@@ -200,7 +200,7 @@ prune_ofa_preemptible {out} {sys.executable} -m torch.distributed.run --nproc-pe
     while "step 2/12" not in (log_file.read_text() if log_file.exists() else ""):   # training has started
         assert time.monotonic() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING"), \
             log_file.read_text()[-5000:] if log_file.exists() else slurm_cluster.job(job)
-        time.sleep(0.05)
+        time.sleep(0.2)                                 # each look asks slurmctld for the state too
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env, check=True)
     reference = tiny_student_reference(shared)   # uninterrupted, local torchrun: made while the job requeues
     state = slurm_cluster.wait(job, 600)

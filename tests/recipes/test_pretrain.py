@@ -211,7 +211,8 @@ def test_deepspeed_launcher_runs_the_module(setup):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     from pretrain_fixtures import free_port
     done = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-                           "sparse_pretrain", "--config", str(recipe), f"training.output_dir={out}"],
+                           "sparse_pretrain", "--config", str(recipe), f"training.output_dir={out}",
+                           "training.total_steps=4", "pruning.policy_end=2", "pruning.end=2"],   # final at step 2
                           env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "x 2 ranks" in done.stdout

@@ -332,14 +332,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return self.job(job_id)["JobState"]
 
     def wait(self, job_id: str, timeout: float = 120.0) -> str:
-        """Poll ``squeue`` every 0.2 s until the job left the queue; returns its final JobState."""
-        deadline = time.monotonic() + timeout
+        """Poll ``squeue`` until the job left the queue, every 0.2 s, after 5 s every second (each poll
+        is a process and an RPC: a test waiting minutes would spend CPU seconds on them); returns its
+        final JobState."""
+        started = time.monotonic()
+        deadline = started + timeout
         while time.monotonic() < deadline:
             done = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], env=self.env,
                                   capture_output=True, text=True)
             if done.returncode != 0 or not done.stdout.strip():
                 break
-            time.sleep(0.2)
+            time.sleep(0.2 if time.monotonic() - started < 5 else 1.0)
         else:
             raise TimeoutError(f"job {job_id} still {self.state(job_id)} after {timeout} s")
         return self.state(job_id)

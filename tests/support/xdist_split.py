@@ -6,7 +6,9 @@ build a SLURM job's data) are built once and tests that read what an earlier one
 order. Modules, not ``xdist_group`` marks: xdist 3.8's loadgroup writes a test's group into its node
 id, which pytest 9.2 no longer lets it change, so every mark is ignored and the tests are handed out
 one by one (pytest-dev/pytest-xdist#1386). A module is the part of a node id before ``::``, which
-xdist's ``loadfile`` scheduling groups by.
+xdist's ``loadfile`` scheduling groups by; tests that must share a worker share a module. Each worker
+that runs a SLURM test starts its own cluster (a few seconds), and the SLURM jobs' tiny student and its
+reference run are built once for all workers (slurm_cluster.shared_dir).
 
 Modules are handed out the longest first (a module's tests keep their order): the ones of a few
 minutes start at once and the last ones are a few seconds long, so both workers end together.

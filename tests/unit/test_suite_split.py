@@ -25,26 +25,25 @@ def test_each_module_runs_on_one_worker_and_the_longest_starts_first(tmp_path):
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: slow\n")
     for module in ("a", "b", "c"):          # collected first; four quick tests each
         (tmp_path / f"test_{module}.py").write_text(textwrap.dedent(f"""
-            import time, pytest
+            import pytest
             from record import record
             @pytest.mark.parametrize("i", range(4))
             def test_quick(i):
                 record("{module}")
-                time.sleep(0.05)
         """))
     (tmp_path / "test_z_long.py").write_text(textwrap.dedent("""
-        import time, pytest
+        import pytest
         from record import record
         @pytest.mark.slow
         @pytest.mark.parametrize("i", range(3))
         def test_long(i):
             record("z_long")
-            time.sleep(0.05)
     """))
     log = tmp_path / "log.jsonl"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
-                           "-q", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "SPLIT_LOG": str(log), "PYTHONPATH": str(tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "xdist", "-n", "2", "--dist", "loadgroup",
+                           "-p", "no:cacheprovider", "-q", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "SPLIT_LOG": str(log), "PYTHONPATH": str(tmp_path),
+                                            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(runs) == 3 * 4 + 3
