@@ -113,30 +113,25 @@ class ZeroShards:
 
     def install(self, masked: MaskedParameters) -> None:
         """Zero pruned gradients before, and pruned fp32 masters after, every inner optimizer step."""
-        def stepped(optimizer):
+        def zero_pruned_fragments(optimizer, gradients: bool) -> None:
+            """The fp32 masters (or their gradients) of the pruned weights this inner step updates."""
+            if not masked.any_pruned:      # before the first pruning every mask keeps everything
+                return
+            views, masks = [], []
             for group in optimizer.param_groups:
                 for tensor in group["params"]:
-                    yield from self._by_flat.get(id(tensor), ())
+                    for name, master, grad in self._by_flat.get(id(tensor), ()):
+                        view = grad() if gradients else master()
+                        if view is not None and view.numel():
+                            views.append(view)
+                            masks.append(masked.masks[name])
+            zero_pruned_(views, masks)
 
         def before(optimizer, args, kwargs):
-            views, masks = [], []
-            for name, _, grad in stepped(optimizer):
-                g = grad()
-                if g is not None and g.numel():
-                    views.append(g)
-                    masks.append(masked.masks[name])
-            if views and masked.any_pruned:
-                zero_pruned_(views, masks)
+            zero_pruned_fragments(optimizer, gradients=True)
 
         def after(optimizer, args, kwargs):
-            views, masks = [], []
-            for name, master, _ in stepped(optimizer):
-                m = master()
-                if m.numel():
-                    views.append(m)
-                    masks.append(masked.masks[name])
-            if views and masked.any_pruned:
-                zero_pruned_(views, masks)
+            zero_pruned_fragments(optimizer, gradients=False)
 
         opt = self.inner_optimizer()
         self._hooks = [opt.register_step_pre_hook(before), opt.register_step_post_hook(after)]
