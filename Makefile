@@ -38,7 +38,11 @@ lint: venv
 # worker (tests/conftest.py); TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
-test: venv lint
+# What the tests need beyond the venv is installed first where this machine allows it (slurm-deps, optional
+# here: without root/sudo it says so and the tests that need it are skipped); the end of the run lists every
+# skipped test by reason, with the fix (tests/support/skip_summary.py).
+test: SLURM_DEPS_OPTIONAL := yes
+test: venv slurm-deps lint
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: venv
@@ -52,11 +56,24 @@ corpus: venv
 	$(PY) -m launcher.data_commands materialize-corpus --out data/corpus
 
 # SLURM and munge (Debian packages) for the tests that start a real cluster on this machine
-# (tests/support/slurm_cluster.py); without them those tests are skipped. Installs only if sbatch is missing.
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# (tests/support/slurm_cluster.py); without them those tests are skipped. Installs only what is missing
+# (the binaries slurm_cluster.BINARIES lists, on PATH or in /usr/sbin), with apt-get as root or with
+# passwordless sudo. Where it cannot, or apt-get fails: an error for `make slurm-deps` (CI's .ci/run), a
+# note for `make test` (SLURM_DEPS_OPTIONAL), whose skipped-test summary then says what to run.
+SLURM_BINARIES := munged mungekey slurmctld slurmd sbatch srun squeue scontrol sinfo
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+# (recursive variables: the shell runs only when slurm-deps runs)
+slurm_missing = $(shell for b in $(SLURM_BINARIES); do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || echo $$b; done)
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+can_install = $(shell command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; } && echo yes)
+slurm_deps_failed = { echo 'slurm-deps: $(1); the tests that run a SLURM cluster will be skipped'; \
+	$(if $(SLURM_DEPS_OPTIONAL),true,false); }
+slurm_install = $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	$(SLURM_PACKAGES) || $(call slurm_deps_failed,apt-get could not install $(SLURM_PACKAGES))
+slurm_cannot = $(call slurm_deps_failed,cannot install SLURM + munge ($(strip $(slurm_missing)) missing): \
+	needs apt-get and root or passwordless sudo (sudo make slurm-deps))
 slurm-deps:
-	@command -v sbatch >/dev/null || { $(SUDO) apt-get update -qq && \
-	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge; }
+	$(if $(slurm_missing),$(if $(can_install),$(slurm_install),@$(slurm_cannot)),@echo "slurm-deps: SLURM and munge are installed")
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,6 +19,7 @@ from finetune.tasks.classification import (
     classification_metrics,
     load_task,
     tokenize_classification,
+    with_data_labels,
 )
 
 
@@ -45,7 +46,15 @@ class ClassificationHead:
         from transformers import AutoModelForSequenceClassification
         return AutoModelForSequenceClassification
 
+    @property
+    def label_names(self) -> Optional[list]:
+        """The class names in id order (None: integer labels without names)."""
+        return list(self.spec.label_names) or None
+
     def model_kwargs(self) -> dict:
+        """``num_labels`` and, when the labels have names, ``id2label``/``label2id``: they go into the
+        config ``save_pretrained`` writes, so the exported model (a ``text-classification`` pipeline)
+        names its classes."""
         kwargs = {"num_labels": self.spec.num_labels}
         if self.spec.label_names:
             id2label = dict(enumerate(self.spec.label_names))
@@ -56,7 +65,11 @@ class ClassificationHead:
         check_teacher_labels(self.spec, teacher_config)
 
     def load(self, data_files: Optional[dict], seed: int):
-        return load_task(self.spec, data_files, seed=seed)   # columns and labels checked here
+        """The task's splits, columns and labels checked, string labels encoded; the head's spec then
+        has the label map (inferred from the train split when the recipe gave none)."""
+        data = load_task(self.spec, data_files, seed=seed)
+        self.spec = with_data_labels(self.spec, data)
+        return data
 
     def features(self, data, tokenizer) -> Features:
         from transformers import DataCollatorWithPadding
@@ -87,6 +100,7 @@ class QuestionAnsweringHead:
     does), exact match and F1 of the official script over whole questions."""
     kind = "question-answering"
     eval_splits = ("validation",)
+    label_names = None
     HUB_NAME = "rajpurkar/squad"
 
     def __init__(self, max_seq_length: int, doc_stride: int, n_best_size: int, max_answer_length: int):
@@ -162,6 +176,6 @@ def head_for(task) -> ClassificationHead | QuestionAnsweringHead:
     if task.name == "squad":
         return QuestionAnsweringHead(task.max_seq_length, task.doc_stride, task.n_best_size, task.max_answer_length)
     from finetune.tasks.classification import task_spec
-    return ClassificationHead(task_spec(task.name, task.text_columns, task.label_column, task.num_labels),
-                              task.max_seq_length)
+    return ClassificationHead(task_spec(task.name, task.text_columns, task.label_column, task.num_labels,
+                                        task.labels), task.max_seq_length)
 

@@ -43,6 +43,11 @@ class TaskConfig(Section):
     text_columns: Annotated[list[Text], Field(max_length=2, description="a list of one or two column names")] = []
     label_column: Optional[Text] = None
     num_labels: Optional[Annotated[StrictInt, Field(ge=2)]] = None
+    # string labels' names in id order ([neg, pos]: neg is 0); None: integer labels as they are, string
+    # ones sorted (finetune/tasks/classification.py); the names go into the exported model's id2label
+    labels: Annotated[Optional[Annotated[list[Text], Field(min_length=2)]], Field(description=(
+        "a list of two or more label names in id order, e.g. [neg, pos] (quote a name YAML reads as a "
+        "number or a boolean: \"1\", \"yes\")"))] = None
     max_seq_length: Annotated[StrictInt, Field(ge=8)] = 128
     doc_stride: PositiveInt = 128      # SQuAD: overlap of consecutive windows of a long context
     n_best_size: PositiveInt = 20      # SQuAD: start/end candidates per window
@@ -53,6 +58,16 @@ class TaskConfig(Section):
         if self.name == "squad" and self.doc_stride >= self.max_seq_length:
             raise rule("doc_stride", f"must be a positive integer smaller than task.max_seq_length "
                                      f"({self.max_seq_length}), got {self.doc_stride}")
+        if self.labels is not None:
+            if self.name == "squad":
+                raise rule("labels", "task squad (extractive question answering) has no class labels; remove "
+                                     "task.labels")
+            twice = sorted({x for x in self.labels if self.labels.count(x) > 1})
+            if twice:
+                raise rule("labels", f"must name each label once, got {self.labels} ({', '.join(twice)} repeated)")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise rule("num_labels", f"is {self.num_labels}, but task.labels names {len(self.labels)} labels "
+                                         f"{self.labels}; drop task.num_labels (task.labels sets it)")
         if self.name in KNOWN_TASKS:
             return self
         unknown = f"task {self.name!r} is not a known task ({', '.join(KNOWN_TASKS)}): a custom task"
@@ -99,7 +114,7 @@ class TrainingConfig(Section):
     seed: NonNegativeInt = 42
     output_dir: Text = "runs/finetune"
     eval_batch_size: PositiveInt = 64
-    eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: only at the end of training)
+    eval_every: Optional[PositiveInt] = None   # steps between evaluations (None: at the end of every epoch)
     save_every: Optional[PositiveInt] = None   # steps between save_state checkpoints (None: end of each epoch)
     discard_different_run: Flag = False  # output_dir holds another run: delete it (runtime/run_identity.py)
     # auto: bf16 on a GPU that computes it natively, else fp32 (runtime/precision.py); QAT: fp32 only

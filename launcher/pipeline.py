@@ -19,15 +19,36 @@ in the terms of :mod:`sparse_pretrain.runtime.schema`: unknown keys, types, rang
 stage's ``slurm`` keys are validated as :class:`Resources` once merged over the spec's defaults.
 What needs the other stages or the file system comes next: unknown or missing upstream stages,
 cycles, references, recipes that do not load, requests the partition or the launcher cannot satisfy.
+
+Resource classes and cluster profiles. A stage may name a class instead of writing its resources
+(``slurm: {class: pretrain, nodes: 4}``): the pipeline's ``classes:`` say what the work needs (GPUs per
+node, the launcher), a cluster profile's (``--cluster FILE``, :mod:`launcher.cluster`) what the class is on
+the site (partition, time limit, memory, ...). A stage's resources, later layers winning, ``env`` merged
+name by name (:func:`stage_resources`): the profile's keys for every job (account, setup, env, HF_HOME,
+the offline variables), the spec's ``slurm:``, the pipeline's class, the profile's class, the stage's own
+keys; GPU stages add the profile's NCCL variables under their own ``env``. With a profile that has a
+``scratch``, a relative ``output_root`` and the prepared data (``data.cache_dir``) go there. A spec
+without classes, loaded without a profile, renders as it always did.
+
+Task chains. ``tasks: [squad, mnli]`` and ``task_stages:`` (stages whose names, and every string in
+them, hold ``{task}``) add one chain per task after ``stages:``; ``load_pipeline(tasks=[...])`` picks
+some of them (``prune-ofa submit --tasks``), by default all::
+
+    task_stages:
+      "{task}-transfer":
+        kind: finetune
+        config: configs/finetune/{task}-transfer.yaml
+        after: [student, "{task}-teacher"]
 """
 from __future__ import annotations
 
 import functools
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BeforeValidator, Field, Strict, StrictInt, field_validator, model_validator
@@ -36,12 +57,18 @@ from launcher.launch import LAUNCHERS
 from sparse_pretrain.runtime.recipe_files import read_yaml_tree
 from sparse_pretrain.runtime.schema import Flag, NonNegativeInt, Section, Text, rule, validated
 
+if TYPE_CHECKING:
+    from launcher.cluster import ClusterProfile
+
 KINDS = ("prepare-data", "pretrain", "finetune", "qat", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "qat")          # long runs: checkpoint, requeue on preemption
 REPORT_ARGS = ("model", "int8", "metrics", "baseline")    # prune-ofa report MODEL --int8 --metrics --baseline
 RESERVED = ("slurm", "logs")                              # subdirectories of output_root the pipeline uses
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 REFERENCE = re.compile(r"@([A-Za-z0-9][A-Za-z0-9_.-]*)(/.*)?")
+TASK = "{task}"                                           # in task_stages: the task's name
+PIPELINES = Path(__file__).resolve().parent.parent / "configs" / "pipelines"   # shipped: --pipeline NAME
+PREPARED_DATA_KINDS = ("prepare-data", "pretrain")        # stages that read or write data.cache_dir
 
 
 class PipelineError(ValueError):
@@ -147,6 +174,10 @@ class Pipeline:
     output_root: Path
     workdir: Path                            # where the jobs run: recipes' relative paths resolve here
     stages: dict                             # name -> Stage, in submission (topological) order
+    tasks: list = field(default_factory=list)        # the task chains chosen (task_stages expanded for each)
+    all_tasks: list = field(default_factory=list)    # the spec's task chains (the default of --tasks)
+    cluster: Optional["ClusterProfile"] = None       # the cluster profile it was loaded with
+    notices: list = field(default_factory=list)      # what could not be checked, one line each
 
     @property
     def slurm_dir(self) -> Path:
@@ -248,6 +279,9 @@ class PipelineSpec(Section):
     workdir: Optional[Text] = None           # where the jobs run (default: the current directory)
     slurm: Resources = Field(default_factory=Resources)   # defaults for every stage
     stages: dict[str, StageSpec]
+    classes: dict[Text, Resources] = {}      # resource class -> what the work needs (a stage's slurm.class)
+    tasks: list[Text] = []                   # the task chains (default of --tasks)
+    task_stages: dict[str, StageSpec] = {}   # the chain of one task: "{task}" in names and values
 
     @field_validator("name")
     @classmethod
@@ -277,37 +311,145 @@ class PipelineSpec(Section):
             return {str(k): v for k, v in stages.items()}
         return stages
 
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, classes: dict) -> dict:
+        for name in classes:
+            if not STAGE_NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: a class name must be letters, digits, '.', '_' or '-'")
+        return classes
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: list) -> list:
+        for task in tasks:
+            if not STAGE_NAME.fullmatch(task):
+                raise ValueError(f"{task!r}: a task name must be letters, digits, '.', '_' or '-'")
+        if len(set(tasks)) < len(tasks):
+            raise ValueError(f"{tasks}: a task is listed twice")
+        return tasks
+
+    @field_validator("task_stages", mode="before")
+    @classmethod
+    def _template_names(cls, stages: Any) -> Any:
+        if isinstance(stages, dict):
+            for name in map(str, stages):
+                if TASK not in name or not STAGE_NAME.fullmatch(name.replace(TASK, "x")):
+                    raise rule(name, f"a task stage's name holds {TASK} (e.g. \"{TASK}-transfer\"), the rest "
+                                     f"letters, digits, '.', '_' or '-'")
+        return stages
+
+    @model_validator(mode="after")
+    def _tasks_with_their_stages(self):
+        if bool(self.tasks) != bool(self.task_stages):
+            missing = "task_stages" if self.tasks else "tasks"
+            raise rule(missing, "tasks and task_stages come together (the task names, and the chain run for each)")
+        return self
+
+
+def resolve_pipeline_path(name_or_path: str | Path) -> Path:
+    """A pipeline spec file, or the name of a shipped one (``bert-base-90`` ->
+    configs/pipelines/bert-base-90.yaml)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = PIPELINES / f"{str(name_or_path).removesuffix('.yaml')}.yaml"
+    if "/" not in str(name_or_path) and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PIPELINES.glob("*.yaml")))
+    raise PipelineError(f"pipeline: no such file {str(name_or_path)!r} (shipped pipelines: {names})")
+
 
 def load_pipeline(path: str | Path, check_partition: bool = True, overrides: Optional[dict] = None,
-                  stage_dirs: Optional[dict[str, str]] = None) -> Pipeline:
-    """Read and validate a pipeline spec. Relative paths (``output_root``, ``workdir``, recipes) are
-    resolved against the current directory, so rendered scripts hold absolute paths only.
-    ``check_partition``: ask ``sinfo`` how many GPUs the partition's nodes have where the spec does
-    not say (``partition_gpus``); skipped when SLURM cannot be reached.
+                  stage_dirs: Optional[dict[str, str]] = None, *, tasks: Optional[Sequence[str]] = None,
+                  cluster: Optional[str | Path] = None) -> Pipeline:
+    """Read and validate a pipeline spec (a file or a shipped pipeline's name). Relative paths
+    (``output_root``, ``workdir``, recipes) are resolved against the current directory, so rendered
+    scripts hold absolute paths only. ``check_partition``: ask ``sinfo`` how many GPUs the partition's
+    nodes have where the spec does not say (``partition_gpus``); where it cannot, ``Pipeline.notices``
+    says so, one line per partition.
 
-    ``overrides``: a mapping merged over the spec, mappings key by key, and validated with it (how
-    ``prune-ofa demo`` sets its sizes: ``{"stages": {"teacher": {"overrides": {"training.total_steps":
-    30}}}}``). ``stage_dirs``: stage -> the directory under ``output_root`` it writes instead of its
-    name (the demo runs the student's chain once per target: ``{"student": "student-85", ...}``)."""
-    spec_path = Path(path).resolve()
-    raw = read_yaml_tree(path, PipelineError, "pipeline", "a mapping")
+    ``tasks``: the task chains to expand (``task_stages`` once per task; None: the spec's ``tasks``).
+    ``cluster``: a cluster profile (a file or a shipped profile's name; :mod:`launcher.cluster`) giving
+    the site's resource classes, account, setup, environment and scratch; None: the spec alone.
+
+    ``overrides``: a mapping merged over the spec (after the task chains are expanded), mappings key by
+    key, and validated with it (how ``prune-ofa demo`` sets its sizes: ``{"stages": {"teacher":
+    {"overrides": {"training.total_steps": 30}}}}``). ``stage_dirs``: stage -> the directory under
+    ``output_root`` it writes instead of its name (the demo runs the student's chain once per target:
+    ``{"student": "student-85", ...}``)."""
+    profile = None
+    if cluster is not None:
+        from launcher.cluster import load_cluster as read_profile
+        profile = read_profile(cluster)
+    file = resolve_pipeline_path(path)
+    spec_path = file.resolve()
+    raw = read_yaml_tree(file, PipelineError, "pipeline", "a mapping")
     spec = validated(PipelineSpec, raw, PipelineError)
-    if overrides:       # over the spec as read (a stage's overrides a mapping even where written as a list)
-        spec = validated(PipelineSpec, merged(spec.model_dump(exclude_unset=True), overrides), PipelineError)
+    all_tasks = list(spec.tasks)
+    chosen = all_tasks if tasks is None else list(tasks)
+    tree = with_task_stages(spec, chosen)
+    spec = validated(PipelineSpec, merged(tree, overrides or {}), PipelineError)
     unknown = sorted(set(stage_dirs or {}) - set(spec.stages))
     if unknown:
         raise PipelineError(f"stage_dirs: unknown stage(s) {unknown} (stages: {', '.join(spec.stages)})")
     workdir = Path(spec.workdir or ".").expanduser().resolve()
-    output_root = (workdir / Path(spec.output_root).expanduser()).resolve()
-    stages = {name: _stage(name, stage, spec.slurm, workdir, output_root / (stage_dirs or {}).get(name, name))
+    base = profile.scratch if profile is not None and profile.scratch is not None else workdir
+    output_root = (base / Path(spec.output_root).expanduser()).resolve()
+    stages = {name: _stage(name, stage, spec, workdir, output_root / (stage_dirs or {}).get(name, name), profile)
               for name, stage in spec.stages.items()}
     order = topological_order({s.name: s.after for s in stages.values()})
     stages = {n: stages[n] for n in order}
     _resolve_references(stages)
-    pipeline = Pipeline(name=spec.name, spec=spec_path, output_root=output_root, workdir=workdir, stages=stages)
+    pipeline = Pipeline(name=spec.name, spec=spec_path, output_root=output_root, workdir=workdir, stages=stages,
+                        tasks=chosen, all_tasks=all_tasks, cluster=profile)
+    unchecked: dict[str, list[str]] = {}
     for stage in stages.values():
-        check_stage(stage, check_partition)
+        partition = check_stage(stage, check_partition)
+        if partition is not None:
+            unchecked.setdefault(partition, []).append(stage.name)
+    pipeline.notices = partition_notices(unchecked)
     return pipeline
+
+
+def load_cluster(path: str | Path) -> "ClusterProfile":
+    """A cluster profile, validated (:func:`launcher.cluster.load_cluster`)."""
+    from launcher.cluster import load_cluster as read_profile
+    return read_profile(path)
+
+
+def with_task_stages(spec: PipelineSpec, tasks: Sequence[str]) -> dict:
+    """The spec as a mapping whose ``stages`` hold, after its own, ``task_stages`` once per task
+    (``{task}`` replaced in names and in every string); ``tasks`` must be among the spec's."""
+    unknown = [t for t in tasks if t not in spec.tasks]
+    if unknown:
+        raise PipelineError(f"tasks: unknown task(s) {', '.join(map(repr, unknown))} (pipeline {spec.name} has: "
+                            f"{', '.join(spec.tasks) or 'no task chains'})")
+    if len(set(tasks)) < len(tasks):
+        raise PipelineError(f"tasks: a task is given twice ({', '.join(tasks)})")
+    tree = spec.model_dump(exclude_unset=True)
+    templates = tree.pop("task_stages", {})
+    tree.pop("tasks", None)
+    stages = dict(tree["stages"])
+    for task in tasks:
+        for key, template in templates.items():
+            name = key.replace(TASK, task)
+            if name in stages:
+                raise PipelineError(f"task_stages.{key}: for task {task} is stage {name!r}, which stages has already")
+            stages[name] = _for_task(template, task)
+    tree["stages"] = stages
+    return tree
+
+
+def _for_task(value: Any, task: str) -> Any:
+    """``{task}`` replaced by the task's name in every string (keys included) of a template."""
+    if isinstance(value, str):
+        return value.replace(TASK, task)
+    if isinstance(value, dict):
+        return {_for_task(k, task): _for_task(v, task) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_for_task(v, task) for v in value]
+    return value
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -318,13 +460,46 @@ def merged(base: dict, changes: dict) -> dict:
     return out
 
 
-def stage_resources(name: str, own: dict, defaults: Resources) -> Resources:
-    """A stage's resources: its own ``slurm`` keys over the spec's defaults (``env`` merged name by
-    name), validated as a whole, so a rule between keys sees the values the job will get."""
-    merged = {**defaults.model_dump(exclude_unset=True), **own}
-    if isinstance(own.get("env"), dict):
-        merged["env"] = {**defaults.env, **own["env"]}
-    return validated(Resources, merged, PipelineError, where=("stages", name, "slurm"))
+def stage_resources(name: str, own: dict, defaults: Resources, classes: Optional[dict[str, Resources]] = None,
+                    cluster: Optional["ClusterProfile"] = None) -> Resources:
+    """A stage's resources, validated as a whole, so a rule between keys sees the values the job will
+    get. Layers, later winning (``env`` merged name by name): the cluster profile's keys for every job,
+    the spec's ``slurm:`` defaults, the stage's class as the pipeline has it (``classes``), the same
+    class as the profile has it, the stage's own keys; a GPU stage adds the profile's NCCL variables
+    where its ``env`` does not set them."""
+    own = dict(own)
+    layers = [cluster.site_defaults()] if cluster is not None else []
+    layers.append(defaults.model_dump(exclude_unset=True))
+    if "class" in own:
+        layers += _class_layers(name, own.pop("class"), classes or {}, cluster)
+    layers.append(own)
+    merged: dict = {}
+    for layer in layers:
+        before = merged.get("env")
+        merged.update(layer)
+        if isinstance(before, dict) and isinstance(layer.get("env"), dict):
+            merged["env"] = {**before, **layer["env"]}
+    resources = validated(Resources, merged, PipelineError, where=("stages", name, "slurm"))
+    if cluster is not None and resources.gpus_per_node:
+        resources = resources.model_copy(update={"env": {**cluster.nccl_variables(), **resources.env}})
+    return resources
+
+
+def _class_layers(stage: str, name: Any, classes: dict[str, Resources],
+                  cluster: Optional["ClusterProfile"]) -> list[dict]:
+    """The keys of resource class ``name``: the pipeline's, then the cluster profile's."""
+    where = f"stages.{stage}.slurm.class"
+    if not isinstance(name, str):
+        raise PipelineError(f"{where}: must be a class name (a string), got {name!r}")
+    site = cluster.classes if cluster is not None else {}
+    if name not in classes and name not in site:
+        known = sorted(set(classes) | set(site))
+        where_defined = (f"the pipeline's classes and cluster profile {cluster.path}" if cluster is not None else
+                         "the pipeline's classes; a cluster profile (--cluster FILE or $PRUNE_OFA_CLUSTER) adds "
+                         "the site's")
+        raise PipelineError(f"{where}: unknown class {name!r} (known: {', '.join(known) or 'none'}, from "
+                            f"{where_defined})")
+    return [c.model_dump(exclude_unset=True) for c in (classes.get(name), site.get(name)) if c is not None]
 
 
 def time_limit_seconds(text: str) -> Optional[int]:
@@ -340,9 +515,10 @@ def time_limit_seconds(text: str) -> Optional[int]:
     return a * 60 + (b or 0)
 
 
-def _stage(name: str, spec: StageSpec, defaults: Resources, workdir: Path, output_dir: Path) -> Stage:
+def _stage(name: str, spec: StageSpec, pipeline: PipelineSpec, workdir: Path, output_dir: Path,
+           cluster: Optional["ClusterProfile"]) -> Stage:
     where = f"stages.{name}"
-    resources = stage_resources(name, spec.slurm, defaults)
+    resources = stage_resources(name, spec.slurm, pipeline.slurm, pipeline.classes, cluster)
     config, overrides, report = None, {}, {}
     if spec.kind == "report":
         report = {k: v for k, v in spec.report.model_dump().items() if v}
@@ -356,8 +532,25 @@ def _stage(name: str, spec: StageSpec, defaults: Resources, workdir: Path, outpu
                 raise PipelineError(f"{where}.overrides.training.output_dir: set by the pipeline "
                                     f"({output_dir}); change output_root instead")
             overrides["training.output_dir"] = str(output_dir)
+        scratch = cluster.scratch if cluster is not None else None
+        if spec.kind in PREPARED_DATA_KINDS and scratch is not None and "data.cache_dir" not in overrides:
+            cache_dir = _prepared_data_dir(config)
+            if not cache_dir.is_absolute():       # the recipe's own absolute directory is kept
+                overrides["data.cache_dir"] = str(scratch / cache_dir)
     return Stage(name=name, kind=spec.kind, config=config, overrides=overrides, after=list(spec.after),
                  resources=resources, output_dir=output_dir, report=report)
+
+
+def _prepared_data_dir(config: Path) -> Path:
+    """A pre-training recipe's ``data.cache_dir`` as written (the schema's default where it has none);
+    a recipe that cannot be read is left to the checks that follow (``check_stage``)."""
+    from sparse_pretrain.recipe import DataConfig
+    try:
+        data = read_yaml_tree(config, PipelineError).get("data") or {}
+    except PipelineError:
+        data = {}
+    value = data.get("cache_dir") if isinstance(data, dict) else None
+    return Path(value if isinstance(value, str) and value else DataConfig.model_fields["cache_dir"].default)
 
 
 def topological_order(after: dict[str, list[str]]) -> list[str]:
@@ -416,20 +609,25 @@ def _resolve_references(stages: dict[str, Stage]) -> None:
 
 # -- checks before anything is queued ------------------------------------------------------------
 
-def check_stage(stage: Stage, check_partition: bool = True) -> None:
+def check_stage(stage: Stage, check_partition: bool = True) -> Optional[str]:
     """Ask the launcher to plan the stage as its job will run it, on node 0 of its allocation: the
     recipe loads with the overrides, the GPUs per node fit the partition (``partition_gpus``, else
     ``sinfo``), the global batch splits over the world size, the launcher suits the stage. Nothing
-    runs; a problem raises :class:`PipelineError` naming the stage."""
+    runs; a problem raises :class:`PipelineError` naming the stage. Returns the partition (``""``:
+    the cluster's default) whose GPUs per node could not be checked, None where they were or
+    need not be."""
     from launcher.launch import LaunchRequest, build_plan
     r = stage.resources
     if stage.kind in ("prepare-data", "report") and r.nodes > 1:
         raise PipelineError(f"stages.{stage.name}.slurm.nodes: {stage.kind} runs on one node, got {r.nodes}")
     if stage.kind == "report":
-        return
-    partition_gpus = r.partition_gpus
-    if partition_gpus is None and r.gpus_per_node and r.partition and check_partition:
-        partition_gpus = _sinfo_gpus(r.partition)      # None where sinfo cannot say
+        return None
+    partition_gpus, unchecked = r.partition_gpus, None
+    if partition_gpus is None and r.gpus_per_node and check_partition:
+        if r.partition:
+            partition_gpus = _sinfo_gpus(r.partition)      # None where sinfo cannot say
+        if partition_gpus is None:
+            unchecked = r.partition or ""
     request = LaunchRequest(stage=stage.kind, config=str(stage.config), overrides=stage.override_args(),
                             nodes=r.nodes, gpus_per_node=r.gpus_per_node or None,
                             processes_per_node=None if r.gpus_per_node else r.local_processes,
@@ -440,6 +638,22 @@ def check_stage(stage: Stage, check_partition: bool = True) -> None:
     except ValueError as err:      # ConfigError included
         recipe = f" {stage.config.name}:" if stage.config else ""
         raise PipelineError(f"stage {stage.name} ({stage.kind}):{recipe} {err}") from None
+    return unchecked
+
+
+def partition_notices(unchecked: dict[str, list[str]]) -> list[str]:
+    """One line per partition whose GPUs per node could not be checked: why, and the fix."""
+    notices = []
+    for partition, stages in unchecked.items():
+        if not partition:
+            name, why = "(the cluster's default)", "no partition named"
+        else:
+            name = partition
+            why = "sinfo is not on PATH" if shutil.which("sinfo") is None else f"sinfo -p {partition} gave no GPU count"
+        notices.append(f"partition {name}: GPUs per node not checked ({why}) for stage(s) {', '.join(stages)}; "
+                       f"set partition_gpus (the partition's GPUs per node) in the resource class or slurm "
+                       f"section to check it")
+    return notices
 
 
 @functools.lru_cache(maxsize=None)

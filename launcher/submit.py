@@ -22,6 +22,11 @@ rendezvous from SLURM's environment. Training stages are requeueable: SLURM's wa
 a stop file, the trainer checkpoints and exits with 75, and the script requeues the job (the bash
 function of ``slurm/preemption.sh``, pasted into the script; the ranks' side:
 ``sparse_pretrain.runtime.preemption``).
+
+Where a pipeline was loaded with a cluster profile (``--cluster``, :mod:`launcher.cluster`), the scripts
+carry its account, partitions, time limits, HF_HOME, offline and NCCL variables, and every command
+printed for the user names the profile and the tasks again (:func:`pipeline_arguments`), since the
+profile's scratch decides where the pipeline writes.
 """
 from __future__ import annotations
 
@@ -64,6 +69,17 @@ class PipelineActive(ValueError):
 
 def job_name(pipeline: Pipeline, stage: Stage) -> str:
     return f"{pipeline.name}-{stage.name}"
+
+
+def pipeline_arguments(pipeline: Pipeline) -> str:
+    """``--pipeline SPEC`` and the ``--cluster`` and ``--tasks`` it was loaded with: how a command
+    printed for the user names this very pipeline (the profile's scratch decides where it writes)."""
+    args = ["--pipeline", str(pipeline.spec)]
+    if pipeline.cluster is not None:
+        args += ["--cluster", str(pipeline.cluster.path)]
+    if pipeline.tasks != pipeline.all_tasks:
+        args += ["--tasks", *pipeline.tasks]
+    return shlex.join(args)
 
 
 def script_path(pipeline: Pipeline, stage: Stage) -> Path:
@@ -144,7 +160,7 @@ def render_script(pipeline: Pipeline, stage: Stage) -> str:
     values = {
         "pipeline": pipeline.name, "stage": stage.name, "kind": stage.kind,
         "recipe_comment": f", recipe {stage.config}" if stage.config else "",
-        "spec": str(pipeline.spec), "script": str(script_path(pipeline, stage)),
+        "spec": pipeline_arguments(pipeline), "script": str(script_path(pipeline, stage)),
         "dependency_hint": (f" --dependency=afterok:<job ids of {', '.join(after)}>" if after else ""),
         "job_name": job_name(pipeline, stage), "nodes": str(r.nodes), "cpus_per_task": str(r.cpus),
         "resources": "\n".join(f"#SBATCH {line}" for line in sbatch),
@@ -284,6 +300,7 @@ def submit_pipeline(pipeline: Pipeline, only: Optional[Sequence[str]] = None, dr
     scripts = write_scripts(pipeline)
 
     record = {"pipeline": pipeline.name, "spec": str(pipeline.spec), "output_root": str(pipeline.output_root),
+              "cluster": str(pipeline.cluster.path) if pipeline.cluster is not None else None, "tasks": pipeline.tasks,
               "stages": dict(previous.get("stages", {})), "history": list(previous.get("history", []))}
     ids: dict[str, str] = {}
     submitted: list[str] = []
@@ -398,12 +415,12 @@ def _busy_message(pipeline: Pipeline, busy: dict[str, list[StageJob]], only: Opt
     cancel = f"scancel {' '.join(job.job_id for job in jobs)}"
     if only:
         return (f"--only: {listed} still queued; a second job would write into the same directory. Wait until "
-                f"it ends (prune-ofa status --pipeline {pipeline.spec}), cancel it ({cancel}), or leave it out "
+                f"it ends (prune-ofa status {pipeline_arguments(pipeline)}), cancel it ({cancel}), or leave it out "
                 f"of --only (stages after it then wait for it)")
     return (f"pipeline {pipeline.name} is still queued: {listed}; submitting it again would start a second chain "
             f"writing into the same directories under {pipeline.output_root}. Wait until its jobs end (prune-ofa "
-            f"status --pipeline {pipeline.spec}), cancel them ({cancel}), or queue only the stages that have not "
-            f"finished: prune-ofa submit --pipeline {pipeline.spec} --resume")
+            f"status {pipeline_arguments(pipeline)}), cancel them ({cancel}), or queue only the stages that have not "
+            f"finished: prune-ofa submit {pipeline_arguments(pipeline)} --resume")
 
 
 def finished_stages(pipeline: Pipeline, record: dict, run: Runner = _run) -> dict[str, str]:
@@ -465,7 +482,7 @@ def _unfinished_stages(pipeline: Pipeline, record: dict, queued: dict[str, list[
                           for job, up in stuck)
         cancel = " ".join(sorted({job.job_id for job, _ in stuck}))
         raise PipelineActive(f"--resume: {waits}, so it can never start. Cancel it (scancel {cancel}) and run "
-                             f"prune-ofa submit --pipeline {pipeline.spec} --resume again")
+                             f"prune-ofa submit {pipeline_arguments(pipeline)} --resume again")
     for name in pipeline.stages:
         if name in queued:
             jobs = queued[name]
@@ -476,6 +493,21 @@ def _unfinished_stages(pipeline: Pipeline, record: dict, queued: dict[str, list[
         elif name in finished:
             echo(f"{name}: finished ({finished[name]}), not resubmitted")
     return again
+
+
+def format_plan(pipeline: Pipeline) -> str:
+    """What ``submit --dry-run`` shows before the sbatch lines: the pipeline, its tasks, the cluster
+    profile, where it writes, and one row per stage with the resources its job asks for."""
+    tasks = f", tasks {' '.join(pipeline.tasks)}" if pipeline.tasks else ""
+    lines = [f"pipeline {pipeline.name} ({pipeline.spec}){tasks}: {len(pipeline.stages)} stages",
+             pipeline.cluster.describe() if pipeline.cluster is not None else "no cluster profile (--cluster): "
+             "the spec's own slurm values", f"output_root {pipeline.output_root}"]
+    rows = [("stage", "kind", "nodes x GPUs", "CPUs", "partition", "account", "time", "after")]
+    for stage in pipeline.stages.values():
+        r = stage.resources
+        rows.append((stage.name, stage.kind, f"{r.nodes} x {r.gpus_per_node}", str(r.cpus), r.partition or "default",
+                     r.account or "-", r.time or "default", ",".join(stage.after) or "-"))
+    return "\n".join(lines) + "\n" + _table(rows)
 
 
 def format_submitted(pipeline: Pipeline, record: dict, stages: Sequence[str]) -> str:

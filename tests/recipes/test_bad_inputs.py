@@ -829,8 +829,9 @@ def test_two_nodes_under_slurm_show_the_message_once(slurm_cluster, tmp_path_fac
 
 @pytest.mark.parametrize("case, rows, expected", [
     ("splits-with-other-columns", {"validation": [{"text": "a film", "label": 1}]}, "task.data_files: cannot read"),
-    ("string-labels", {"train": [{"sentence": "a film", "label": "pos"}]},
-     "task.num_labels: task films: labels ['pos']"),
+    ("eval-label-train-lacks", {"train": [{"sentence": "a film", "label": "pos"}, {"sentence": "b", "label": "neg"}],
+                                "validation": [{"sentence": "a film", "label": "meh"}]},
+     "task.labels: task films: label(s)"),
     ("no-label-column", {"train": [{"sentence": "a film"}], "validation": [{"sentence": "a film"}]},
      "task.text_columns / task.label_column:"),
 ])

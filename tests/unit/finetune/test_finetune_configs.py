@@ -30,9 +30,9 @@ def test_every_shipped_recipe_loads(path):
 
 @pytest.mark.parametrize("task", PAPER_TASKS)
 def test_each_paper_task_has_teacher_transfer_and_qat_recipes_that_chain(task):
-    teacher = load_finetune_recipe(f"configs/finetune/{task}-bert-base-teacher.yaml")
-    sparse = load_finetune_recipe(f"configs/finetune/{task}-bert-base-85.yaml")
-    qat = load_finetune_recipe(f"configs/finetune/{task}-bert-base-85-qat.yaml")
+    teacher = load_finetune_recipe(f"configs/finetune/{task}-teacher.yaml")
+    sparse = load_finetune_recipe(f"configs/finetune/{task}-transfer.yaml")
+    qat = load_finetune_recipe(f"configs/finetune/{task}-qat.yaml")
     assert sparse.distillation.teacher == qat.distillation.teacher == f"{teacher.training.output_dir}/model"
     assert qat.model.name_or_path == f"{sparse.training.output_dir}/model"
     assert sparse.model.name_or_path == "runs/bert-base-uncased-85/model"   # configs/bert-base-uncased-85.yaml's export
@@ -41,7 +41,7 @@ def test_each_paper_task_has_teacher_transfer_and_qat_recipes_that_chain(task):
 def test_squad_doc_stride_must_be_smaller_than_the_window():
     from sparse_pretrain.runtime.schema import ConfigError
     with pytest.raises(ConfigError, match=re.escape("task.doc_stride")):
-        load_finetune_recipe("configs/finetune/squad-bert-base-85.yaml", ["task.doc_stride=384"])
+        load_finetune_recipe("configs/finetune/squad-transfer.yaml", ["task.doc_stride=384"])
 
 
 def test_a_recipe_without_a_distillation_section_names_the_dotted_key():

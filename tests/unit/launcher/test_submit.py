@@ -17,23 +17,17 @@ from launcher.submit import PipelineActive, SubmitError, format_status, stage_st
 
 ROOT = Path(__file__).resolve().parents[3]
 PIPELINES = ROOT / "configs" / "pipelines"
+SPECS = Path(__file__).resolve().parent / "specs"      # specs the tests need that are not shipped
+OLD_GPU_SPEC = "old-style-gpu.yaml"      # every site value in the spec, as shipped before cluster profiles
 
 
-def spec_copy(name: str, tmp_path: Path, edit=None, rt_recipes: bool = False) -> Path:
-    """A shipped pipeline spec with workdir = the project and output_root under tmp_path; ``edit``
-    changes the parsed spec; ``rt_recipes`` replaces the finetune recipes with the RT ones of the same
-    role (teacher, transfer, QAT), so these tests check the rendering, not the task recipes."""
-    spec = yaml.safe_load((PIPELINES / name).read_text())
+def spec_copy(name: str, tmp_path: Path, edit=None) -> Path:
+    """A shipped pipeline spec (or one of tests/unit/launcher/specs/) with workdir = the project and
+    output_root under tmp_path; ``edit`` changes the parsed spec."""
+    source = PIPELINES / name if (PIPELINES / name).is_file() else SPECS / name
+    spec = yaml.safe_load(source.read_text())
     spec["workdir"] = str(ROOT)
     spec["output_root"] = str(tmp_path / spec["name"])
-    if rt_recipes:
-        for stage in spec["stages"].values():
-            config = stage.get("config")
-            if config and config.startswith("configs/finetune/"):
-                role = "teacher" if config.endswith("-teacher.yaml") else "qat" if config.endswith("-qat.yaml") else ""
-                stage["config"] = {"teacher": "configs/finetune/rt-teacher.yaml",
-                                   "qat": "configs/finetune/rt-sparse-85-qat.yaml"}.get(role,
-                                                                                         "configs/finetune/rt-sparse-85.yaml")
     if edit:
         edit(spec)
     path = tmp_path / name
@@ -60,7 +54,8 @@ def dry_run(spec: Path, capsys) -> tuple[int, str, str]:
 # -- rendering ------------------------------------------------------------------------------------
 
 def test_gpu_pipeline_renders_the_right_sbatch_and_launch_lines(tmp_path, capsys):
-    spec = spec_copy("bert-base-85-glue.yaml", tmp_path, rt_recipes=True)
+    """A spec written the old way (its own slurm sections, no classes, no cluster profile) renders as it did."""
+    spec = spec_copy(OLD_GPU_SPEC, tmp_path)
     code, out, err = dry_run(spec, capsys)
     assert code == 0, err
     root = tmp_path / "bert-base-85-glue"
@@ -122,7 +117,7 @@ def test_gpu_pipeline_renders_the_right_sbatch_and_launch_lines(tmp_path, capsys
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
 
-@pytest.mark.parametrize("name", ["minilm-rt.yaml", "bert-base-85-glue.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
 def test_shipped_pipelines_load_with_their_own_recipes(tmp_path, name):
     pipeline = load_pipeline(spec_copy(name, tmp_path), check_partition=False)
     assert all(stage.config is None or stage.config.is_file() for stage in pipeline.stages.values())
@@ -137,8 +132,8 @@ def test_cpu_pipeline_renders_processes_per_node_and_the_whole_chain(tmp_path, c
         ["prepare", "teacher", "student", "rt-teacher", "rt-transfer", "rt-qat", "rt-report"])
     student = (scripts / "student.sbatch").read_text()
     assert "--gres" not in student and "--partition" not in student and "--account" not in student
-    assert {"--nodes=1", "--cpus-per-task=2", "--time=02:00:00", "--signal=B:USR1@120", "--requeue"} <= \
-        set(sbatch_lines(student))
+    assert {"--nodes=1", "--cpus-per-task=2", "--signal=B:USR1@120", "--requeue"} <= set(sbatch_lines(student))
+    assert not any(line.startswith("--time") for line in sbatch_lines(student))     # the partition's limit
     assert "launch pretrain --config" in run_line(student) and "--nodes 1 --processes-per-node 2" in run_line(student)
     assert f"source {Path(sys.prefix).resolve()}/bin/activate" in student   # this venv, absolute
     assert "export HF_HUB_OFFLINE=1" in student
@@ -166,10 +161,10 @@ def _set(path: str, value):
 
 
 @pytest.mark.parametrize("name, edit, message", [
-    ("bert-base-85-glue.yaml", _set("slurm/gpus_per_node", 16),
+    (OLD_GPU_SPEC, _set("slurm/gpus_per_node", 16),
      r"stage teacher \(pretrain\): bert-base-uncased-teacher.yaml: 16 GPUs per node asked, but partition gpu has "
      r"8 per node"),
-    ("bert-base-85-glue.yaml", _set("stages/student/overrides/training.micro_batch_size", 32),
+    (OLD_GPU_SPEC, _set("stages/student/overrides/training.micro_batch_size", 32),
      r"stage student \(pretrain\): bert-base-uncased-85.yaml: training.global_batch_size: 256 is not divisible by "
      r"micro_batch_size 32 x world size 32 = 1024"),
     ("minilm-rt.yaml", _set("stages/teacher/slurm", {"processes_per_node": 3}),
@@ -187,9 +182,9 @@ def _set(path: str, value):
      r"stages.student.config: no such recipe 'configs/minilm-l6-95.yaml'"),
     ("minilm-rt.yaml", _set("stages/student/overrides/pruning.final_sparsity", 1.5),
      r"stage student \(pretrain\): minilm-l6-85.yaml: pruning.final_sparsity"),
-    ("minilm-rt.yaml", _set("stages/rt-qat/after", ["student"]),
+    ("minilm-rt.yaml", _set("task_stages/{task}-qat/after", ["student"]),
      r"stages.rt-qat.overrides.model.name_or_path: uses rt-transfer's output but does not run after it"),
-    ("minilm-rt.yaml", _set("stages/rt-report/report/int8", "@rt-qatt/model-int8"),
+    ("minilm-rt.yaml", _set("task_stages/{task}-report/report/int8", "@{task}-qatt/model-int8"),
      r"stages.rt-report.report.int8: '@rt-qatt/model-int8' names no stage"),
     ("minilm-rt.yaml", _set("slurm/time", "2 hours"), r"slurm.time: '2 hours' is not a SLURM time"),
     ("minilm-rt.yaml", _set("stages/student/slurm", {"time": "00:01:00"}),
@@ -200,7 +195,7 @@ def _set(path: str, value):
         "unknown-slurm-key", "missing-recipe", "bad-recipe-value", "not-upstream", "bad-reference", "bad-time",
         "signal-after-limit", "output-dir"])
 def test_impossible_or_inconsistent_specs_fail_before_anything_is_queued(tmp_path, capsys, name, edit, message):
-    spec = spec_copy(name, tmp_path, edit=edit, rt_recipes=True)
+    spec = spec_copy(name, tmp_path, edit=edit)
     code, out, err = dry_run(spec, capsys)
     assert code == 2 and re.search(message, err), err
     assert err.startswith("prune-ofa submit: ")
@@ -216,8 +211,7 @@ def test_gpus_per_node_checked_against_sinfo_when_the_spec_does_not_say(tmp_path
     (bin_dir / "sinfo").write_text("#!/bin/sh\necho 'gpu:a100:4(S:0-1)'\necho 'gpu:a100:4(S:0-1)'\n")
     (bin_dir / "sinfo").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    spec = spec_copy("bert-base-85-glue.yaml", tmp_path, edit=_set("slurm/partition_gpus", None),
-                     rt_recipes=True)
+    spec = spec_copy(OLD_GPU_SPEC, tmp_path, edit=_set("slurm/partition_gpus", None))
     code, out, err = dry_run(spec, capsys)
     assert code == 2 and "8 GPUs per node asked, but partition gpu has 4 per node" in err, err
 

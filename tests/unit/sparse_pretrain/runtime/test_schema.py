@@ -17,8 +17,8 @@ from sparse_pretrain.runtime.schema import ConfigError
 ROOT = Path(__file__).resolve().parents[4]
 PRETRAIN = ROOT / "configs" / "bert-base-uncased-90.yaml"
 RT_TEACHER = ROOT / "configs" / "finetune" / "rt-teacher.yaml"
-RT_SPARSE = ROOT / "configs" / "finetune" / "rt-sparse-85.yaml"
-RT_QAT = ROOT / "configs" / "finetune" / "rt-sparse-85-qat.yaml"
+RT_SPARSE = ROOT / "configs" / "finetune" / "rt-transfer.yaml"
+RT_QAT = ROOT / "configs" / "finetune" / "rt-qat.yaml"
 FT_PRUNING = ROOT / "bench" / "fidelity" / "rt-finetune-pruning-85.yaml"
 
 
@@ -145,7 +145,7 @@ def test_pipeline_unknown_keys_name_the_dotted_path_and_the_known_keys(tmp_path)
                     "gpus_per_node, processes_per_node, cpus_per_task, mem, signal_seconds, requeue, launcher, "
                     "setup, env, extra, partition_gpus)")
     assert pipeline_message(tmp_path, lambda s: s.update(stage={})) == (
-        "stage: unknown key (known: name, output_root, workdir, slurm, stages)")
+        "stage: unknown key (known: name, output_root, workdir, slurm, stages, classes, tasks, task_stages)")
     assert pipeline_message(tmp_path, lambda s: s["stages"]["report"]["report"].update(html=True)) == (
         "stages.report.report.html: unknown key (known: model, int8, metrics, baseline)")
     assert pipeline_message(tmp_path, lambda s: s["slurm"].update(nodes=0)) == "slurm.nodes: must be >= 1, got 0"
