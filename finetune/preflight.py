@@ -6,6 +6,9 @@ question answering) for both, the pruning section against the model's structure 
 skeleton, and, for pattern-lock, at the sparsity of the model's Linear weights read lazily from its
 safetensors files. Each problem is a :class:`~sparse_pretrain.runtime.errors.UserError` naming the key,
 the path and what to do; the shared checks are :mod:`sparse_pretrain.runtime.model_checks`.
+
+``hub_items(recipe)`` lists what the recipe reads from the hub (``prune-ofa fetch`` stages exactly
+that); offline, a message about a missing one gives the ``prune-ofa fetch`` line for all of them.
 """
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ from sparse_pretrain.runtime.errors import UserError
 from sparse_pretrain.runtime.model_checks import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
+    HubItem,
     check_hub_dataset,
     check_tokenizer,
+    fetch_command,
+    hub_model,
     load_config,
     meta_skeleton,
     missing_path_hint,
@@ -65,6 +71,32 @@ def pruned_weight_sparsity(model_dir: str | Path) -> Optional[float]:
     return zeros / total if total else None
 
 
+# -- what the run reads from the hub ---------------------------------------------------------------------
+
+def task_hub_dataset(task) -> Optional[tuple[str, Optional[str]]]:
+    """(path, config) of the hub dataset the task reads, or None: local ``task.data_files``, the
+    offline RT set, a custom task."""
+    from finetune.heads import QuestionAnsweringHead
+    from finetune.tasks.classification import TASKS
+    if task.data_files:
+        return None
+    if task.name == "squad":
+        return QuestionAnsweringHead.HUB_NAME, None
+    spec = TASKS.get(task.name)
+    return tuple(spec.hub) if spec is not None and spec.hub else None
+
+
+def hub_items(recipe) -> list[HubItem]:
+    """What a fine-tuning or QAT recipe reads from the hub: the model, the teacher and the task's
+    dataset. Local paths (an earlier stage's output, a packaged model) are not hub items."""
+    items = [hub_model("model.name_or_path", recipe.model.name_or_path),
+             hub_model("distillation.teacher", recipe.distillation.teacher)]
+    dataset = task_hub_dataset(recipe.task)
+    if dataset:
+        items.append(HubItem("dataset", dataset[0], "task.name", dataset[1]))
+    return [item for item in items if item is not None]
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 def check_finetune(recipe) -> list[str]:
@@ -82,6 +114,7 @@ def check_finetune(recipe) -> list[str]:
     if not isinstance(files, dict):
         raise UserError(f"task.data_files: must map splits to files ({{train: F, validation: F}}), got {files!r}")
     needed = ["train", "validation"] if squad else [spec.train_split, *spec.eval_splits]
+    fetch = fetch_command(hub_items(recipe))
     if files:
         missing = [s for s in needed if s not in files]
         if missing:
@@ -99,10 +132,9 @@ def check_finetune(recipe) -> list[str]:
             if p.suffix.lower() not in TASK_FILE_SUFFIXES:
                 raise UserError(f"{key}: {path!r}: unknown format {p.suffix or '(no suffix)'!r}; give "
                                 f"{', '.join(TASK_FILE_SUFFIXES)} files")
-    elif squad:
-        check_hub_dataset("task.name", "rajpurkar/squad", None, "give task.data_files: {train: F, validation: F}")
-    elif task.name in TASKS and spec.hub:
-        check_hub_dataset("task.name", spec.hub[0], spec.hub[1], "give task.data_files: {train: F, validation: F}")
+    elif task_hub_dataset(task):
+        path, config = task_hub_dataset(task)
+        check_hub_dataset("task.name", path, config, "give task.data_files: {train: F, validation: F}", fetch=fetch)
     elif task.name not in TASKS:
         raise UserError(f"task.data_files: task {task.name!r} is not built in, so its data must be given: "
                         f"task.data_files: {{train: F, validation: F}}")
@@ -110,12 +142,12 @@ def check_finetune(recipe) -> list[str]:
     mapping, head = (("MODEL_FOR_QUESTION_ANSWERING_MAPPING", "question-answering") if squad
                      else ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING", "sequence-classification"))
     why = f"task {task.name} needs one"
-    source = model_source("model.name_or_path", m.name_or_path)
+    source = model_source("model.name_or_path", m.name_or_path, fetch=fetch)
     config = load_config("model.name_or_path", source)
     cls = model_class_for("model.name_or_path", config, mapping, head, why)
     check_tokenizer("model.name_or_path", source, pretraining=False)
     if d.teacher:
-        teacher = model_source("distillation.teacher", d.teacher)
+        teacher = model_source("distillation.teacher", d.teacher, fetch=fetch)
         teacher_config = load_config("distillation.teacher", teacher)
         model_class_for("distillation.teacher", teacher_config, mapping, head, why)
         if getattr(teacher_config, "vocab_size", None) != getattr(config, "vocab_size", None):

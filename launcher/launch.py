@@ -71,12 +71,19 @@ class LaunchRequest:
     nodes: Optional[int] = None
     gpus_per_node: Optional[int] = None
     processes_per_node: Optional[int] = None    # CPU processes per node
+    # torchrun's --nproc-per-node / accelerate's --num_processes (over all nodes): processes whose device
+    # is the node's (``node_has_gpus``), as those launchers leave it to the script
+    nproc_per_node: Optional[int] = None
+    total_processes: Optional[int] = None
     launcher: str = "auto"
     hosts: Optional[Sequence[str]] = None
     hostfile: Optional[str] = None
     partition: Optional[str] = None
     partition_gpus: Optional[int] = None        # GPUs per node of the partition, where known
-    zero_stage: Optional[int] = None            # finetune/qat: Accelerate's DeepSpeed plugin at this ZeRO stage
+    partition_cpus: Optional[int] = None        # CPUs per node of the partition, where known (srun from outside)
+    # pretrain: the recipe's training.zero_stage; finetune/qat: Accelerate's DeepSpeed plugin at this stage
+    zero_stage: Optional[int] = None
+    master_addr: Optional[str] = None           # the rendezvous address (default: SLURM's first node, 127.0.0.1)
     master_port: Optional[int] = None
     dry_run: bool = False
 
@@ -95,6 +102,8 @@ class LaunchPlan:
     rendezvous: Optional[Rendezvous] = None
     files: dict[str, str] = field(default_factory=dict)   # path -> text, written before running
     recipe: object = field(default=None, repr=False)      # the loaded recipe (None: report), for the preflight
+    zero_stage: Optional[int] = None          # the ZeRO stage the ranks run (pretrain; finetune on DeepSpeed)
+    notes: list[str] = field(default_factory=list)        # what the user should know (printed, and in the summary)
 
     @property
     def world_size(self) -> int:
@@ -112,8 +121,9 @@ class LaunchPlan:
         launch = {"stage": self.stage, "launcher": self.launcher, "description": self.description,
                   "nodes": self.nodes, "processes_per_node": self.processes_per_node,
                   "world_size": self.world_size, "gpu": self.gpu, "env": dict(sorted(self.env.items())),
+                  "zero_stage": self.zero_stage,
                   "rendezvous": self.rendezvous.as_dict() if self.rendezvous else None,
-                  "files": sorted(self.files)}
+                  "files": sorted(self.files), "notes": list(self.notes)}
         return yaml.safe_dump({"launch": launch, "config": self.config}, sort_keys=False)
 
 
@@ -129,16 +139,32 @@ def parse_gres_gpus(text: str) -> int:
     return best
 
 
-def partition_gpus(partition: str) -> Optional[int]:
-    """GPUs per node of a SLURM partition (``sinfo -h -p PART -o %G``), None where sinfo cannot say."""
+def _sinfo(partition: str, field_format: str) -> Optional[str]:
+    """``sinfo -h -p PART -o FORMAT``'s output, None where sinfo cannot say."""
     try:
-        done = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%G"], capture_output=True, text=True,
+        done = subprocess.run(["sinfo", "-h", "-p", partition, "-o", field_format], capture_output=True, text=True,
                               timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if done.returncode != 0 or not done.stdout.strip():
-        return None
-    return parse_gres_gpus(done.stdout)
+    return done.stdout if done.returncode == 0 and done.stdout.strip() else None
+
+
+def partition_gpus(partition: str) -> Optional[int]:
+    """GPUs per node of a SLURM partition (``sinfo -h -p PART -o %G``), None where sinfo cannot say."""
+    out = _sinfo(partition, "%G")
+    return None if out is None else parse_gres_gpus(out)
+
+
+def parse_sinfo_cpus(text: str) -> Optional[int]:
+    """CPUs per node from ``sinfo -o %c`` lines (``64``, ``32+`` where nodes differ): the smallest node."""
+    counts = [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)", text, re.M)]
+    return min(counts) if counts else None
+
+
+def partition_cpus(partition: str) -> Optional[int]:
+    """CPUs per node of a SLURM partition (``sinfo -h -p PART -o %c``), None where sinfo cannot say."""
+    out = _sinfo(partition, "%c")
+    return None if out is None else parse_sinfo_cpus(out)
 
 
 def _slurm_gpus_on_node(environ: Mapping[str, str]) -> Optional[int]:
@@ -202,11 +228,37 @@ def _effective_config(stage: str, config: Optional[str], overrides: list[str]):
     return None, {"report_args": list(overrides)}
 
 
-def check_pretrain_batch(recipe, world_size: int) -> None:
+#: the pre-training recipe's key that ``--zero-stage`` sets (``sparse_pretrain.zero.config`` applies it)
+ZERO_STAGE_KEY = "training.zero_stage"
+
+
+def with_zero_stage(overrides: Sequence[str], zero_stage: Optional[int]) -> list[str]:
+    """A pre-training recipe's overrides with ``--zero-stage N`` as ``training.zero_stage=N``. An explicit
+    ``training.zero_stage=M`` override stays as it is when it says the same, and is an error when it
+    disagrees (neither wins silently)."""
+    overrides = list(overrides)
+    if zero_stage is None:
+        return overrides
+    import yaml
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() == ZERO_STAGE_KEY:
+            try:
+                same = yaml.safe_load(value) == zero_stage
+            except yaml.YAMLError:
+                same = False
+            if not same:
+                raise ValueError(f"--zero-stage {zero_stage} and {text} disagree: give one of them")
+            return overrides
+    return overrides + [f"{ZERO_STAGE_KEY}={zero_stage}"]
+
+
+def check_pretrain_batch(recipe, world_size: int) -> int:
     """The global batch must split into micro batches over the world size: the trainer's own check
-    (``deepspeed_config`` raises ConfigError), run before any process starts."""
+    (``deepspeed_config`` raises ConfigError), run before any process starts. Returns the ZeRO stage
+    the ranks will run (the DeepSpeed config file's, or ``training.zero_stage``)."""
     from sparse_pretrain.zero.config import deepspeed_config
-    deepspeed_config(recipe, world_size, use_bf16=False)
+    return deepspeed_config(recipe, world_size, use_bf16=False)["zero_optimization"].get("stage", 0)
 
 
 # -- the plan: where, how many processes, which launcher, its command ---------------------------------
@@ -251,18 +303,24 @@ def check_request(r: LaunchRequest) -> None:
         raise ValueError(f"--nodes must be at least 1, got {r.nodes}")
     if r.gpus_per_node is not None and r.gpus_per_node < 0:
         raise ValueError(f"--gpus-per-node must be >= 0, got {r.gpus_per_node}")
-    if r.processes_per_node is not None and r.processes_per_node < 1:
-        raise ValueError(f"--processes-per-node must be at least 1, got {r.processes_per_node}")
+    for option, value in (("--processes-per-node", r.processes_per_node), ("--nproc-per-node", r.nproc_per_node),
+                          ("--num-processes", r.total_processes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     if r.gpus_per_node and r.processes_per_node and r.gpus_per_node != r.processes_per_node:
         raise ValueError(f"--gpus-per-node {r.gpus_per_node} and --processes-per-node {r.processes_per_node} "
                          f"disagree: one process per GPU")
+    counts = [option for option, value in (("--gpus-per-node", r.gpus_per_node), ("--processes-per-node",
+              r.processes_per_node), ("--nproc-per-node", r.nproc_per_node), ("--num-processes", r.total_processes))
+              if value is not None]
+    if len(counts) > 1 and (r.nproc_per_node is not None or r.total_processes is not None):
+        raise ValueError(f"give one of {' and '.join(counts)}: each sets the processes per node")
     if r.hosts and r.hostfile:
         raise ValueError("give --hosts or --hostfile, not both")
     if r.stage != "report" and not r.config:
         raise ValueError(f"launch {r.stage}: --config is required")
-    if r.zero_stage is not None and r.stage not in ("finetune", "qat"):
-        raise ValueError("--zero-stage is for finetune/qat (Accelerate's DeepSpeed plugin); pretrain reads "
-                         "training.zero_stage from its recipe")
+    if r.zero_stage is not None and module is None:
+        raise ValueError(f"launch {r.stage}: one plain process; --zero-stage does not apply")
     if module is None and r.launcher != "auto":
         raise ValueError(f"launch {r.stage}: one plain process; --launcher does not apply")
 
@@ -270,7 +328,7 @@ def check_request(r: LaunchRequest) -> None:
 def find_site(r: LaunchRequest, environ: Mapping[str, str]) -> Site:
     """Where the stage starts (this machine, hosts over ssh, a SLURM step or allocation) and on how
     many nodes, checked against what SLURM or the hosts given hold."""
-    slurm = from_slurm(environ)
+    slurm = from_slurm({**environ, **asked_rendezvous_env(r)})     # --master-addr/--master-port win
     if slurm is None:
         if r.launcher == "srun":
             return Site("srun-new", r.nodes or 1)
@@ -281,8 +339,6 @@ def find_site(r: LaunchRequest, environ: Mapping[str, str]) -> Site:
                 raise ValueError(f"--nodes {nodes}, but only {len(hosts)} host(s) given")
             return Site("hosts", nodes, hosts=tuple(hosts[:nodes]))
         return Site("machine", _one_machine(r))
-    if r.master_port:
-        slurm = dataclasses.replace(slurm, master_port=r.master_port)
     if r.hosts or r.hostfile:
         raise ValueError("inside a SLURM job SLURM chooses the nodes: drop --hosts/--hostfile")
     if slurm.mode in ("per-node", "per-process"):
@@ -302,6 +358,11 @@ def find_site(r: LaunchRequest, environ: Mapping[str, str]) -> Site:
     return Site("machine", _one_machine(r), slurm)
 
 
+def asked_rendezvous_env(r: LaunchRequest) -> dict[str, str]:
+    """``--master-addr`` / ``--master-port`` as the variables every rank reads (srun passes them on)."""
+    return {k: str(v) for k, v in (("MASTER_ADDR", r.master_addr), ("MASTER_PORT", r.master_port)) if v}
+
+
 def _one_machine(r: LaunchRequest) -> int:
     nodes = r.nodes or 1
     if nodes > 1:
@@ -310,22 +371,60 @@ def _one_machine(r: LaunchRequest) -> int:
     return nodes
 
 
+def node_has_gpus(r: LaunchRequest, site: Site, environ: Mapping[str, str], cuda_here: Callable[[], int],
+                  option: str) -> bool:
+    """Whether processes counted without a device (``--nproc-per-node``, ``--num-processes``) run on GPUs:
+    in a SLURM job, GPUs allocated on the node (SLURM_GPUS_ON_NODE) or, where the ranks start here, this
+    machine's CUDA devices; else the partition's GPUs (``--partition``); else this machine's CUDA devices
+    where the ranks start here. Where none of these can tell (``--hosts``, srun from outside a job without
+    ``--partition``), refused."""
+    if site.slurm is not None:
+        return (_slurm_gpus_on_node(environ) or 0) > 0 or (site.starts_here and cuda_here() > 0)
+    if r.partition_gpus is not None:
+        return r.partition_gpus > 0
+    if site.starts_here:
+        return cuda_here() > 0
+    raise ValueError(f"{option}: whether the nodes have GPUs cannot be seen from here; give --gpus-per-node N "
+                     f"(one process per GPU) or --processes-per-node N (CPU processes)")
+
+
+def asked_count(r: LaunchRequest, site: Site) -> tuple[Optional[int], Optional[bool], str]:
+    """(processes per node asked or None, on GPUs: True, False or None where the node decides, the option)."""
+    if r.gpus_per_node:
+        return r.gpus_per_node, True, "--gpus-per-node"
+    if r.processes_per_node is not None:
+        return r.processes_per_node, False, "--processes-per-node"
+    if r.gpus_per_node == 0:
+        return None, False, "--gpus-per-node"
+    if r.nproc_per_node is not None:
+        return r.nproc_per_node, None, "--nproc-per-node"
+    if r.total_processes is not None:
+        if r.total_processes % site.nodes:
+            raise ValueError(f"--num-processes {r.total_processes} counts the processes of all nodes (as accelerate "
+                             f"does) and does not split over {site.nodes} node(s): give --gpus-per-node or "
+                             f"--processes-per-node")
+        return r.total_processes // site.nodes, None, "--num-processes"
+    return None, None, ""
+
+
 def processes_per_node(r: LaunchRequest, site: Site, environ: Mapping[str, str],
                        cuda_here: Callable[[], int]) -> tuple[int, bool]:
     """(processes per node, on GPUs): as asked, else what srun started, the hostfile's slots, the
     node's GPUs (SLURM's, or this machine's CUDA devices), else one CPU process."""
     one_process = STAGES[r.stage] is None
+    asked, on_gpus, option = asked_count(r, site)
     if site.kind == "slurm-process":           # srun started them: the count is given
         procs = site.slurm.nproc_per_node
-        asked = r.gpus_per_node or r.processes_per_node
         if asked and asked != procs:
             raise ValueError(f"srun started {procs} task(s) on this node (one per process), but {asked} "
                              f"process(es) per node were asked")
-        gpu = bool(r.gpus_per_node) or (r.gpus_per_node is None and r.processes_per_node is None and cuda_here() > 0)
-    elif r.gpus_per_node:
-        procs, gpu = r.gpus_per_node, True
-    elif r.processes_per_node is not None or r.gpus_per_node == 0:
-        procs, gpu = r.processes_per_node or 1, False
+        gpu = on_gpus if on_gpus is not None else cuda_here() > 0
+    elif asked is not None:
+        procs = asked
+        gpu = on_gpus if on_gpus is not None else (not one_process
+                                                   and node_has_gpus(r, site, environ, cuda_here, option))
+    elif on_gpus is False:                     # --gpus-per-node 0
+        procs, gpu = 1, False
     elif site.kind == "hosts" and r.hostfile:
         procs, gpu = min(slots for _, slots in site.hosts), True
     else:   # the default: every GPU of a node, else one CPU process
@@ -407,10 +506,11 @@ def site_rendezvous(r: LaunchRequest, site: Site, procs: int) -> Optional[Rendez
         return site.slurm.with_processes(procs)
     if site.kind == "hosts":
         hosts = tuple(h for h, _ in site.hosts)
-        return Rendezvous(hosts[0], r.master_port or DEEPSPEED_DEFAULT_PORT, site.nodes, 0, procs,
+        return Rendezvous(r.master_addr or hosts[0], r.master_port or DEEPSPEED_DEFAULT_PORT, site.nodes, 0, procs,
                           site.nodes * procs, mode="hosts", hosts=hosts)
     if site.kind == "machine":
-        return local(procs, port=r.master_port)
+        here = local(procs, port=r.master_port)
+        return dataclasses.replace(here, master_addr=r.master_addr) if r.master_addr else here
     return None
 
 
@@ -472,14 +572,33 @@ def accelerate_command(executable: str, rdzv: Rendezvous, payload: list[str], ze
                    *payload]
 
 
+def srun_cpus_per_task(environ: Mapping[str, str], procs: int, in_job: bool,
+                       partition_cpus: Optional[int]) -> tuple[Optional[int], Optional[str]]:
+    """(srun's --cpus-per-task, or None and a note saying why not). srun 22.05+ does not inherit the
+    job's --cpus-per-task, and a task without it gets SLURM's default (often one CPU, so every
+    tokenizer and dataloader thread of a rank shares it): the node's CPUs (SLURM_CPUS_ON_NODE, or
+    outside a job the partition's, from sinfo) shared out over its tasks, else the job's
+    SLURM_CPUS_PER_TASK; with neither it does not guess."""
+    on_node = _int_env(environ, "SLURM_CPUS_ON_NODE") if in_job else partition_cpus
+    if on_node:
+        return max(1, on_node // procs), None
+    per_task = _int_env(environ, "SLURM_CPUS_PER_TASK") if in_job else None
+    if per_task:
+        return per_task, None
+    unknown = ("neither SLURM_CPUS_ON_NODE nor SLURM_CPUS_PER_TASK is set" if in_job else
+               "the nodes' CPUs are not known (give --partition, whose CPUs sinfo reports)")
+    return None, (f"srun gets no --cpus-per-task: {unknown}; each task gets SLURM's default CPUs (often 1): "
+                  f"submit with --cpus-per-task, or run srun yourself")
+
+
 def srun_command(executable: str, payload: list[str], nodes: int, procs: int, gpu: bool,
-                 cpus_on_node: Optional[int] = None, partition: Optional[str] = None) -> list[str]:
+                 cpus_per_task: Optional[int] = None, partition: Optional[str] = None) -> list[str]:
     """srun starting every rank, ``procs`` tasks on each of ``nodes`` nodes; each becomes a rank from
     SLURM's variables (``sparse_pretrain.runtime.rendezvous.export_torch_env``)."""
     argv = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={procs}", f"--ntasks={nodes * procs}",
             "--kill-on-bad-exit=1"]
-    if cpus_on_node:   # srun (22.05+) does not inherit the job's --cpus-per-task: share the node's CPUs out
-        argv.append(f"--cpus-per-task={max(1, cpus_on_node // procs)}")
+    if cpus_per_task:
+        argv.append(f"--cpus-per-task={cpus_per_task}")
     if partition:
         argv.append(f"--partition={partition}")
     if gpu:
@@ -505,6 +624,8 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
     cuda_here = functools.cache(lambda: _cuda_devices() if cuda_devices is None else cuda_devices)
     stage, module = r.stage, STAGES[r.stage]
     overrides = list(r.overrides) + (["qat.enabled=true"] if stage == "qat" else [])
+    if stage == "pretrain":
+        overrides = with_zero_stage(overrides, r.zero_stage)
     config_path = os.path.abspath(r.config) if r.config else None
     recipe, config = _effective_config(stage, config_path, overrides)
 
@@ -512,12 +633,18 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
     procs, gpu = processes_per_node(r, site, environ, cuda_here)
     check_gpus(r, site, procs, gpu, cuda_here)
     nodes, world = site.nodes, site.nodes * procs
-    if stage == "pretrain":
-        check_pretrain_batch(recipe, world)
+    zero_stage = check_pretrain_batch(recipe, world) if stage == "pretrain" else r.zero_stage
     launcher = choose_launcher(r, site, world, gpu)
+    notes = []
+    _, _, counted_by = asked_count(r, site)
+    if counted_by in ("--nproc-per-node", "--num-processes") and module is not None:
+        value = r.nproc_per_node if counted_by == "--nproc-per-node" else r.total_processes
+        notes.append(f"{counted_by} {value}: {procs} process(es) per node on "
+                     + (f"GPUs, as --gpus-per-node {procs}" if gpu else
+                        f"CPUs (no GPU seen for them), as --processes-per-node {procs}"))
 
     plan = functools.partial(LaunchPlan, stage=stage, config=config, launcher=launcher, nodes=nodes,
-                             processes_per_node=procs, gpu=gpu, recipe=recipe)
+                             processes_per_node=procs, gpu=gpu, recipe=recipe, zero_stage=zero_stage, notes=notes)
     if module is None:
         return plan(**_one_process_stage(stage, config_path, overrides, site.slurm, executable))
     payload = ["-m", module, "--config", config_path] + overrides
@@ -531,12 +658,13 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
                                 f"rendezvous {rdzv.master_addr}:{rdzv.master_port}")
     if launcher == "srun":
         in_job = site.kind == "srun-allocation"
-        argv = srun_command(executable, payload, nodes, procs, gpu,
-                            cpus_on_node=_int_env(environ, "SLURM_CPUS_ON_NODE") if in_job else None,
+        cpus, note = srun_cpus_per_task(environ, procs, in_job, r.partition_cpus)
+        argv = srun_command(executable, payload, nodes, procs, gpu, cpus_per_task=cpus,
                             partition=None if in_job else r.partition)
-        return plan(argv=argv, env=env, description=(
-            f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each becomes a rank "
-            f"from SLURM's variables (sparse_pretrain.runtime.rendezvous.export_torch_env)"))
+        return plan(argv=argv, env={**asked_rendezvous_env(r), **env}, notes=notes + ([note] if note else []),
+                    description=(f"{stage}: srun starts {world} task(s), {procs} per node on {nodes} node(s); each "
+                                 f"becomes a rank from SLURM's variables "
+                                 f"(sparse_pretrain.runtime.rendezvous.export_torch_env)"))
     if launcher == "process":
         argv = [executable, *payload]
     elif launcher == "torchrun":
@@ -545,6 +673,9 @@ def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
         argv, files = deepspeed_command(executable, rdzv, payload,
                                         hostfile=os.path.abspath(r.hostfile) if r.hostfile else None)
     else:
+        if r.master_addr and rdzv.nnodes == 1:
+            raise ValueError("--master-addr: accelerate launch on one machine meets on 127.0.0.1 and takes an "
+                             "address only for several machines; drop it")
         argv = accelerate_command(executable, rdzv, payload, r.zero_stage)
     if site.kind == "hosts":
         hosts = ", ".join(rdzv.hosts)
@@ -578,6 +709,15 @@ RANK_WRAPPING_LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
+def write_files(plan: LaunchPlan) -> list[str]:
+    """Write the files the plan's command reads (a generated hostfile) where the command says; a dry
+    run writes them too, so the printed command runs as it is. Returns their paths."""
+    for path, text in plan.files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return sorted(plan.files)
+
+
 def run(plan: LaunchPlan, replace_process: bool = True) -> int:
     """Write the plan's files and run its command.
 
@@ -586,9 +726,9 @@ def run(plan: LaunchPlan, replace_process: bool = True) -> int:
     as a child (``run_watching_ranks``), because they report a rank's exit code 2 as their own 1 after
     a 30-line ChildFailedError: the first rank that fails with a user error records its one-line
     message in a failure file, and this process prints it once and exits with its code."""
-    for path, text in plan.files.items():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+    write_files(plan)
+    for line in plan.notes:
+        print(f"prune-ofa launch: note: {line}", file=sys.stderr)
     if not plan.argv:
         print(f"prune-ofa launch: {plan.description}", file=sys.stderr)
         return 0

@@ -8,6 +8,9 @@ structure on a meta-device skeleton, and at the attention implementation (one th
 not support falls back to one it does, with one printed line). Each problem is a
 :class:`~sparse_pretrain.runtime.errors.UserError` naming the key, the path and what to do; the shared
 checks are :mod:`sparse_pretrain.runtime.model_checks`. Fine-tuning's preflight is ``finetune.preflight``.
+
+``hub_items(recipe)`` lists what the recipe reads from the hub (``prune-ofa fetch`` stages exactly
+that); offline, a message about a missing one gives the ``prune-ofa fetch`` line for all of them.
 """
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ from pathlib import Path
 
 from sparse_pretrain.runtime.errors import UserError, note
 from sparse_pretrain.runtime.model_checks import (
+    HubItem,
     check_files,
     check_hub_dataset,
     check_tokenizer,
     choose_attention,
+    fetch_command,
+    hub_model,
     load_config,
     meta_skeleton,
     model_class_for,
@@ -50,22 +56,42 @@ def pretraining_class(key: str, config, nsp: bool):
     return cls
 
 
+def hub_items(recipe, dataset: bool = True) -> list[HubItem]:
+    """What a pre-training recipe reads from the hub: the model, the student's teacher, the tokenizer
+    when it is another one, and (``dataset``: what prepare-data reads) the hub dataset unless
+    ``data.data_files`` are given. Local paths (an earlier stage's output, a packaged model) are not
+    hub items."""
+    m, d = recipe.model, recipe.data
+    items = [hub_model("model.name_or_path", m.name_or_path)]
+    if recipe.stage == "student" and m.teacher_name_or_path not in (None, m.name_or_path):
+        items.append(hub_model("model.teacher_name_or_path", m.teacher_name_or_path))
+    if d.tokenizer_name_or_path not in (None, m.name_or_path):
+        items.append(hub_model("data.tokenizer_name_or_path", d.tokenizer_name_or_path, weights=False))
+    if dataset and not d.data_files and d.dataset_name:
+        items.append(HubItem("dataset", d.dataset_name, "data.dataset_name", d.dataset_config))
+    return [item for item in items if item is not None]
+
+
+def _prepared_already(recipe) -> bool:
+    """The rows prepare-data would build are there (it then reads no dataset)."""
+    from sparse_pretrain.data.prepare import INFO_FILE, prepared_path
+    return (prepared_path(recipe) / INFO_FILE).is_file()
+
+
 def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
     """Everything a pre-training run (``prepare_only``: ``prune-ofa prepare-data``) reads. Sets
     ``recipe.model.attn_implementation`` to one the model supports; returns the overrides it applied."""
     from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
     m, d, t = recipe.model, recipe.data, recipe.training
     tokenizer_key = "data.tokenizer_name_or_path" if d.tokenizer_name_or_path else "model.name_or_path"
-    student = model_source("model.name_or_path", m.name_or_path, weights=not prepare_only)
+    fetch = fetch_command(hub_items(recipe, dataset=prepare_only))
+    student = model_source("model.name_or_path", m.name_or_path, weights=not prepare_only, fetch=fetch)
     if d.tokenizer_name_or_path:
-        tokenizer = model_source(tokenizer_key, d.tokenizer_name_or_path, weights=False)
+        tokenizer = model_source(tokenizer_key, d.tokenizer_name_or_path, weights=False, fetch=fetch)
     else:
         tokenizer = student
     if d.data_files:
         check_files("data.data_files", d.data_files)
-    elif prepare_only and d.dataset_name:
-        check_hub_dataset("data.dataset_name", d.dataset_name, d.dataset_config,
-                          "give local files with data.data_files")
     if not prepare_only:
         ds_config = deepspeed_config_path(t.deepspeed_config)
         if not ds_config.is_file():
@@ -77,10 +103,17 @@ def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
     nsp = d.nsp == "true" if d.nsp != "auto" else config.model_type in NSP_MODEL_TYPES
     classes = [pretraining_class("model.name_or_path", config, nsp)]
     if prepare_only:
+        if not d.data_files and d.dataset_name:
+            try:
+                check_hub_dataset("data.dataset_name", d.dataset_name, d.dataset_config,
+                                  "give local files with data.data_files", fetch=fetch)
+            except UserError:
+                if not _prepared_already(recipe):    # rows built earlier (prune-ofa fetch --prepare) need none
+                    raise
         return []
     if recipe.stage == "student":
         if m.teacher_name_or_path and m.teacher_name_or_path != m.name_or_path:
-            teacher = model_source("model.teacher_name_or_path", m.teacher_name_or_path)
+            teacher = model_source("model.teacher_name_or_path", m.teacher_name_or_path, fetch=fetch)
             teacher_config = load_config("model.teacher_name_or_path", teacher)
             classes.append(pretraining_class("model.teacher_name_or_path", teacher_config, nsp))
             if getattr(teacher_config, "vocab_size", None) != getattr(config, "vocab_size", None):

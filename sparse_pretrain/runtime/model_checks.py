@@ -5,14 +5,21 @@ implementations it supports.
 Each problem is a :class:`UserError` naming the key, the path and what to do. Nothing here builds a
 model with weights: configs, tokenizers, file listings and meta-device skeletons only
 (:func:`meta_skeleton`). transformers, huggingface_hub and datasets are imported when a check needs them.
+
+What a run reads from the hub is a list of :class:`HubItem` (each recipe's preflight says which);
+offline (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) one that is not in the
+cache fails naming it, the cache (``HF_HOME``) and the ``prune-ofa fetch`` line that stages what the run
+reads (:func:`fetch_command`), to run where there is internet.
 """
 from __future__ import annotations
 
 import difflib
 import glob
 import os
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from sparse_pretrain.runtime.errors import UserError
 
@@ -26,10 +33,83 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 # -- paths and hub names ----------------------------------------------------------------------------
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _set(name: str) -> bool:
+    return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-                                                 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or _set("HF_HUB_OFFLINE") or _set("TRANSFORMERS_OFFLINE")
+
+
+def _datasets_offline() -> bool:
+    """datasets reads HF_DATASETS_OFFLINE (else HF_HUB_OFFLINE) once, at import."""
+    if _hub_offline() or _set("HF_DATASETS_OFFLINE"):
+        return True
+    import datasets
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _offline_variable(names=OFFLINE_VARIABLES) -> str:
+    """The variable that turned the network off, for the message (``HF_HUB_OFFLINE=1`` by default)."""
+    return next((f"{name}=1" for name in names if _set(name)), "HF_HUB_OFFLINE=1")
+
+
+def hf_home() -> str:
+    """The Hugging Face cache this process reads (``HF_HOME``; hub and datasets caches below it)."""
+    from huggingface_hub import constants
+    return str(constants.HF_HOME)
+
+
+@dataclass(frozen=True)
+class HubItem:
+    """Something a run reads from the Hugging Face hub: a model (config, weights, tokenizer), a
+    tokenizer (config and tokenizer files only) or a dataset (``config`` its configuration); ``key``
+    is the recipe key that names it."""
+    kind: str                                # "model" | "tokenizer" | "dataset"
+    name: str
+    key: str
+    config: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """``bert-base-uncased``, ``nyu-mll/glue:mnli``: as ``prune-ofa fetch --dataset`` spells it."""
+        return f"{self.name}:{self.config}" if self.config else self.name
+
+    @property
+    def fetch_args(self) -> list[str]:
+        return [f"--{self.kind}", self.label]
+
+
+def hub_model(key: str, name: Optional[str], weights: bool = True) -> Optional[HubItem]:
+    """The hub item ``name`` is, or None for no name, a local path (an earlier stage's output, a
+    packaged model resolved to its directory) or no valid hub id (the run's check says why)."""
+    if not isinstance(name, str) or not name or looks_local(name):
+        return None
+    return HubItem("model" if weights else "tokenizer", name, key)
+
+
+def fetch_command(items: Iterable[HubItem], cache: Optional[str] = None) -> str:
+    """The ``prune-ofa fetch`` line that stages ``items`` into ``cache`` (default: this process's
+    HF_HOME), items in order and each once."""
+    args, seen = ["prune-ofa", "fetch", "--cache", cache or hf_home()], set()
+    for item in items:
+        if (item.kind, item.label) not in seen:
+            seen.add((item.kind, item.label))
+            args += item.fetch_args
+    return shlex.join(args)
+
+
+def _stage_hint(item: HubItem, fetch: Optional[str]) -> str:
+    """Where to stage ``item``: the fetch line (``fetch``: the one for the whole run), on a node with
+    internet, with the same HF_HOME on every node."""
+    line = fetch or fetch_command([item])
+    also = f" (or `hf download {item.name}`)" if item.kind != "dataset" else ""
+    return (f"on a node with internet run `{line}`{also}, then use that HF_HOME here and on every node "
+            f"(it must be a directory they all share)")
 
 
 def _valid_repo_id(name: str) -> bool:
@@ -69,13 +149,8 @@ def missing_path_hint(path: Path) -> str:
     return f" ({str(parent)!r} exists, {str(path.relative_to(parent))!r} in it does not)" if parent != Path(".") else ""
 
 
-def _stage_hint(name: str) -> str:
-    return (f"stage it where there is network: `hf download {name}` (huggingface_hub < 1.0: `huggingface-cli "
-            f"download {name}`) with HF_HOME set to a directory every node shares and the same HF_HOME here, "
-            f"or give a local directory")
-
-
-def _is_connection_problem(err: BaseException) -> bool:
+def is_connection_problem(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the hub cannot be reached."""
     names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ConnectError",
              "Timeout", "ReadTimeout", "ProxyError"}
     seen = set()
@@ -87,9 +162,11 @@ def _is_connection_problem(err: BaseException) -> bool:
     return False
 
 
-def model_source(key: str, name, weights: bool = True) -> str:
+def model_source(key: str, name, weights: bool = True, fetch: Optional[str] = None) -> str:
     """Where the model named by ``key`` is read from: a local directory (checked for config.json and,
-    with ``weights``, a weight file), the cached snapshot of a hub name, or (online) the hub name."""
+    with ``weights``, a weight file), the cached snapshot of a hub name, or (online) the hub name.
+    ``fetch``: the ``prune-ofa fetch`` line a message about a missing hub model gives (default: one
+    for this model)."""
     if not isinstance(name, str) or not name:
         raise UserError(f"{key}: must be a model directory or a hub name, got {name!r}")
     if looks_local(name):
@@ -107,26 +184,28 @@ def model_source(key: str, name, weights: bool = True) -> str:
                             f".index.json); was the run that writes it finished?")
         return str(path)
     from huggingface_hub import constants, try_to_load_from_cache
+    item = HubItem("model" if weights else "tokenizer", name, key)
+    cache = f"the Hugging Face cache (HF_HOME={hf_home()}, hub cache {constants.HF_HUB_CACHE})"
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         snapshot = os.path.dirname(cached)
         if not weights or any(isinstance(try_to_load_from_cache(name, f), str) for f in WEIGHT_FILES):
             return snapshot
         if _hub_offline():
-            raise UserError(f"{key}: hub model {name!r} is in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                            f"without its weights, and HF_HUB_OFFLINE=1 allows no download: {_stage_hint(name)}")
+            raise UserError(f"{key}: hub model {name!r} is in {cache} without its weights, and "
+                            f"{_offline_variable()} allows no download: {_stage_hint(item, fetch)}")
         return name
     if _hub_offline():
-        raise UserError(f"{key}: {name!r} is no local directory, and as a hub name it is not in the Hugging Face "
-                        f"cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE=1 allows no download: "
-                        f"{_stage_hint(name)}")
+        raise UserError(f"{key}: {name!r} is no local directory, and as a hub name it is not in {cache} while "
+                        f"{_offline_variable()} allows no download: {_stage_hint(item, fetch)}, or give a local "
+                        f"directory")
     from transformers import AutoConfig
     try:
         AutoConfig.from_pretrained(name)       # online: fetches config.json only
     except (OSError, ValueError) as err:
-        if _is_connection_problem(err):
-            raise UserError(f"{key}: hub model {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                            f"and the hub cannot be reached from here: {_stage_hint(name)}") from None
+        if is_connection_problem(err):
+            raise UserError(f"{key}: hub model {name!r} is not in {cache} and the hub cannot be reached from "
+                            f"here: {_stage_hint(item, fetch)}, or give a local directory") from None
         raise UserError(f"{key}: {name!r} is no local directory, and the hub says: "
                         f"{str(err).strip().splitlines()[0]}") from None
     return name
@@ -177,19 +256,20 @@ def check_files(key: str, patterns) -> None:
                             f"(e.g. {os.path.join(pattern, '*.jsonl')!r})")
 
 
-def check_hub_dataset(key: str, path: str, config: Optional[str], how: str) -> None:
-    """With the network off, a hub dataset must be in the datasets cache."""
-    if not _hub_offline():
+def check_hub_dataset(key: str, path: str, config: Optional[str], how: str, fetch: Optional[str] = None) -> None:
+    """With the network off, a hub dataset must be in the datasets cache (``fetch``: the ``prune-ofa
+    fetch`` line the message gives; default: one for this dataset)."""
+    if not _datasets_offline():
         return
+    import datasets
     try:
-        import datasets
         datasets.load_dataset_builder(path, config)
     except Exception:   # noqa: BLE001  (whatever datasets raises offline: not there, not cached, no script)
-        args = f"{path!r}" + (f", {config!r}" if config else "")
-        raise UserError(f"{key}: hub dataset {path}{'/' + config if config else ''} is not in the local cache and "
-                        f"HF_HUB_OFFLINE=1 allows no download: stage it where there is network with "
-                        f"`python -c \"import datasets; datasets.load_dataset({args})\"` (HF_HOME shared by every "
-                        f"node), or {how}") from None
+        item = HubItem("dataset", path, key, config)
+        raise UserError(f"{key}: hub dataset {item.label} is not in the datasets cache (HF_HOME={hf_home()}, "
+                        f"datasets cache {datasets.config.HF_DATASETS_CACHE}) and "
+                        f"{_offline_variable(('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE'))} allows no download: "
+                        f"{_stage_hint(item, fetch)}; or {how}") from None
 
 
 # -- architectures and attention ------------------------------------------------------------------

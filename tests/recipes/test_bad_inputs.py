@@ -450,7 +450,7 @@ LAUNCH_REQUESTS = [
     (["--processes-per-node", "0"], "--processes-per-node"),
     (["--processes-per-node", "3"], "world size 3"),
     (["--gpus-per-node", "2"], "no CUDA device"),
-    (["--zero-stage", "2"], "--zero-stage"),
+    (["--zero-stage", "2", "training.zero_stage=3"], "--zero-stage 2 and training.zero_stage=3 disagree"),
     (["--launcher", "accelerate", "--processes-per-node", "2"], "--launcher accelerate"),
     (["--hostfile", "/no/such/hostfile"], "--hostfile"),
 ]

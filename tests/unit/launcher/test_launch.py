@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.launch import LaunchRequest, build_plan, parse_gres_gpus
+from launcher.launch import LaunchRequest, build_plan, parse_gres_gpus, parse_sinfo_cpus
 from pretrain_fixtures import env, make_corpus, make_tiny_bert, write_recipe
 from sparse_pretrain.runtime import rendezvous
 from sparse_pretrain.runtime.rendezvous import (
@@ -28,7 +28,7 @@ from sparse_pretrain.runtime.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 BERT_90 = str(ROOT / "configs" / "bert-base-uncased-90.yaml")      # global batch 256, micro batch 32
-RT_SPARSE = str(ROOT / "configs" / "finetune" / "rt-sparse-85.yaml")
+RT_SPARSE = str(ROOT / "configs" / "finetune" / "rt-transfer.yaml")
 PY = "/venv/bin/python"
 PRUNE_OFA = Path(sys.executable).parent / "prune-ofa"
 
@@ -243,12 +243,94 @@ def test_one_process_stages_run_once():
     (dict(hosts=["a"]), slurm_step(0), "SLURM chooses the nodes"),
     (dict(launcher="accelerate", processes_per_node=2, overrides=["training.micro_batch_size=8"]), {},
      "accelerate is for finetune"),
-    (dict(zero_stage=2), {}, "--zero-stage is for finetune"),
+    (dict(stage="report", config=None, zero_stage=2), {}, "one plain process; --zero-stage does not apply"),
     (dict(launcher="mpirun"), {}, "unknown 'mpirun'"),
 ])
 def test_impossible_requests_fail_before_anything_runs(request_, environ, message):
     with pytest.raises(ValueError, match=message):
         plan(environ=environ, **request_)
+
+
+def test_zero_stage_of_pretrain_is_the_recipes_key():
+    """--zero-stage N for pretrain is training.zero_stage=N (the ranks get the override); the same value as
+    an explicit override is fine, another one is an error naming both."""
+    default = plan(processes_per_node=2, overrides=["training.micro_batch_size=8"])
+    assert default.zero_stage == 2 and default.config["training"]["zero_stage"] is None     # ds_configs/zero2.json
+    three = plan(processes_per_node=2, zero_stage=3, overrides=["training.micro_batch_size=8"])
+    assert three.zero_stage == 3 and three.config["training"]["zero_stage"] == 3
+    assert three.argv[-2:] == ["training.micro_batch_size=8", "training.zero_stage=3"]
+    assert yaml.safe_load(three.summary())["launch"]["zero_stage"] == 3
+    same = plan(zero_stage=3, overrides=["training.zero_stage=3"])
+    assert same.argv.count("training.zero_stage=3") == 1 and same.zero_stage == 3
+    with pytest.raises(ValueError, match=r"--zero-stage 3 and training.zero_stage=1 disagree"):
+        plan(zero_stage=3, overrides=["training.zero_stage=1"])
+    plugin = plan("finetune", processes_per_node=2, config=RT_SPARSE, zero_stage=3)   # finetune: unchanged meaning
+    assert "--zero_stage=3" in plugin.argv and "zero_stage" not in plugin.config["training"]
+
+
+def test_torchrun_and_accelerate_counts_take_the_nodes_device():
+    """--nproc-per-node N: N processes per node on the node's GPUs where it has them, else CPU processes;
+    --num-processes N: N over all nodes. The plan's notes say what they became."""
+    cpu = plan(nproc_per_node=2, overrides=["training.micro_batch_size=8"])
+    assert (cpu.processes_per_node, cpu.gpu, cpu.launcher) == (2, False, "torchrun")
+    assert cpu.notes == ["--nproc-per-node 2: 2 process(es) per node on CPUs (no GPU seen for them), as "
+                         "--processes-per-node 2"]
+    assert cpu.argv == plan(processes_per_node=2, overrides=["training.micro_batch_size=8"], master_port=
+                            cpu.rendezvous.master_port).argv
+    gpus = plan(nproc_per_node=8, cuda=8)
+    assert (gpus.processes_per_node, gpus.gpu, gpus.launcher) == (8, True, "deepspeed")
+    on_node = plan(environ={**slurm_step(1), "SLURM_GPUS_ON_NODE": "4"}, nproc_per_node=4, dry_run=True,
+                   overrides=["training.micro_batch_size=8"])
+    assert on_node.gpu and on_node.world_size == 8
+    total = plan(environ=slurm_step(1), total_processes=4, overrides=["training.micro_batch_size=8"])
+    assert (total.processes_per_node, total.world_size, total.gpu) == (2, 4, False)
+    with pytest.raises(ValueError, match="does not split over 2 node"):
+        plan(environ=slurm_step(1), total_processes=3)
+    with pytest.raises(ValueError, match="--nproc-per-node: whether the nodes have GPUs cannot be seen"):
+        plan(hosts=["h1", "h2"], nproc_per_node=8)
+    assert plan(hosts=["h1", "h2"], nproc_per_node=8, partition_gpus=8, dry_run=True,
+                overrides=["training.micro_batch_size=16"]).gpu                 # the partition says
+    with pytest.raises(ValueError, match="give one of --gpus-per-node and --nproc-per-node"):
+        plan(gpus_per_node=8, nproc_per_node=8)
+
+
+def test_master_addr_is_the_rendezvous_everywhere():
+    mb = ["training.micro_batch_size=8"]
+    here = plan(processes_per_node=2, master_addr="10.0.0.5", overrides=mb)
+    assert flags(here.argv)["master-addr"] == here.rendezvous.master_addr == "10.0.0.5"
+    hosts = plan(hosts=["h1", "h2"], gpus_per_node=8, master_addr="10.0.0.6",
+                 overrides=["training.micro_batch_size=16"])
+    assert flags(hosts.argv)["master_addr"] == "10.0.0.6"
+    node = plan(environ={**slurm_step(1), "MASTER_ADDR": "10.9.9.9"}, processes_per_node=2, master_addr="10.0.0.7",
+                master_port=31001, overrides=mb)                              # the option wins over the variable
+    assert (flags(node.argv)["master-addr"], flags(node.argv)["master-port"]) == ("10.0.0.7", "31001")
+    unresolvable = dict(slurm_step(1, nodelist="no-such-node-[1-2]"))        # no lookup needed when it is given
+    assert plan(environ=unresolvable, processes_per_node=2, master_addr="10.0.0.8",
+                overrides=mb).rendezvous.master_addr == "10.0.0.8"
+    rank = plan(environ=slurm_step(1, ntasks=4, proc_id=3, local_id=1), master_addr="10.0.0.9", overrides=mb)
+    assert rank.env["MASTER_ADDR"] == "10.0.0.9"
+    batch = plan(environ=batch_script(), processes_per_node=2, master_addr="10.0.1.1", master_port=31002, overrides=mb)
+    assert (batch.launcher, batch.env["MASTER_ADDR"], batch.env["MASTER_PORT"]) == ("srun", "10.0.1.1", "31002")
+    machines = plan("finetune", environ=slurm_step(1), processes_per_node=2, config=RT_SPARSE, master_addr="10.0.2.2")
+    assert flags(machines.argv)["main_process_ip"] == "10.0.2.2"
+    with pytest.raises(ValueError, match=r"accelerate launch on one machine meets on 127\.0\.0\.1"):
+        plan("finetune", processes_per_node=2, config=RT_SPARSE, master_addr="10.0.2.2")
+
+
+def test_srun_is_always_given_cpus_per_task_or_says_why_not():
+    mb = ["training.micro_batch_size=8"]
+    on_node = plan(environ={**batch_script(), "SLURM_CPUS_ON_NODE": "16"}, processes_per_node=2, overrides=mb)
+    assert "--cpus-per-task=8" in on_node.argv and on_node.notes == []
+    per_task = plan(environ={**batch_script(), "SLURM_CPUS_PER_TASK": "6"}, processes_per_node=2, overrides=mb)
+    assert "--cpus-per-task=6" in per_task.argv
+    unknown = plan(environ=batch_script(), processes_per_node=2, overrides=mb)
+    assert not any(a.startswith("--cpus-per-task") for a in unknown.argv)
+    assert unknown.notes and "neither SLURM_CPUS_ON_NODE nor SLURM_CPUS_PER_TASK" in unknown.notes[0]
+    assert yaml.safe_load(unknown.summary())["launch"]["notes"] == unknown.notes
+    fresh = plan(launcher="srun", nodes=2, gpus_per_node=4, partition="gpu", partition_cpus=64, dry_run=True,
+                 overrides=mb)
+    assert "--cpus-per-task=16" in fresh.argv
+    assert parse_sinfo_cpus("64\n32+\n") == 32 and parse_sinfo_cpus("") is None
 
 
 def test_partition_gpus_from_sinfo():
