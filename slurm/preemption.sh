@@ -6,8 +6,11 @@ prune_ofa_preemptible() {   # usage: prune_ofa_preemptible OUTPUT_DIR COMMAND [A
     export PRUNE_OFA_STOP_FILE=${PRUNE_OFA_STOP_FILE:-$output_dir/STOP}
     mkdir -p "$output_dir" "$(dirname "$PRUNE_OFA_STOP_FILE")"
     rm -f "$PRUNE_OFA_STOP_FILE" "$output_dir/PREEMPTED"
-    trap 'echo "preemption: USR1 received, asking the ranks to checkpoint and stop"
+    trap 'echo "preemption: USR1 received at $(date +%s.%N), asking the ranks to checkpoint and stop"
           touch "$PRUNE_OFA_STOP_FILE"' USR1
+    if [ -n "${prune_ofa_early_usr1:-}" ]; then   # the warning came during the setup lines: stop at once
+        touch "$PRUNE_OFA_STOP_FILE"
+    fi
     echo "preemption: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0}, trap installed"
     "$@" &
     pid=$!
@@ -18,8 +21,14 @@ prune_ofa_preemptible() {   # usage: prune_ofa_preemptible OUTPUT_DIR COMMAND [A
     trap - USR1
     if [ "$rc" -eq 75 ] || [ -f "$output_dir/PREEMPTED" ]; then
         echo "preemption: checkpoint saved, requeueing job $SLURM_JOB_ID"
+        echo "preemption: the ranks stopped to be requeued (exit 75 after a checkpoint); a launcher's failure" \
+             "report above is that stop, not an error" >&2
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
     return "$rc"
 }
+# A warning before the run starts (slow setup lines, a preemption at start-up) would end the batch shell
+# (USR1's default action): keep it instead, and the ranks stop at their first step.
+prune_ofa_early_usr1=
+trap 'echo "preemption: USR1 received at $(date +%s.%N), before the run started"; prune_ofa_early_usr1=1' USR1

@@ -2,9 +2,12 @@
 
 SLURM sends a signal some time before it ends a job (``#SBATCH --signal=B:USR1@<seconds>``: to the
 batch shell, ``<seconds>`` before the time limit or a preemption) and ``scancel --signal=USR1 --batch``
-sends the same by hand. Launchers (torchrun, the deepspeed launcher) die on a raw SIGUSR1, so the batch
-shell traps it and forwards it as a file: ``touch "$PRUNE_OFA_STOP_FILE"`` (a path in the run's output
-directory, on the shared filesystem). Every rank then stops at the same step:
+sends the same by hand. slurmctld tests time limits every 30 s, so the warning comes up to 30 s early and
+the job ends up to 30 s late: a run has between ``<seconds>`` and ``<seconds>`` + 60 s after the signal
+(measured on Slurm 22.05 by tests/cluster/test_time_limit_chain.py). Launchers (torchrun, the deepspeed
+launcher) die on a raw SIGUSR1, so the batch shell traps it and forwards it as a file: ``touch
+"$PRUNE_OFA_STOP_FILE"`` (a path in the run's output directory, on the shared filesystem). Every rank
+then stops at the same step:
 
 1. ``PreemptionWatch.should_stop()`` runs once per optimizer step on every rank: this rank's flag
    (set by SIGUSR1 or SIGTERM sent to the rank itself, as ``srun`` does when it runs one task per

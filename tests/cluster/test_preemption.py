@@ -136,7 +136,8 @@ sys.exit(int(mode))
 """
 
 
-def run_snippet(tmp_path: Path, mode: str, signal_after_start: bool = False) -> tuple[int, str, list[str]]:
+def run_snippet(tmp_path: Path, mode: str, signal_after_start: bool = False,
+                signal_during_setup: bool = False) -> tuple[int, str, list[str]]:
     out = tmp_path / f"out-{mode}"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -145,7 +146,8 @@ def run_snippet(tmp_path: Path, mode: str, signal_after_start: bool = False) -> 
     (bin_dir / "scontrol").chmod(0o755)
     (tmp_path / "fake.py").write_text(FAKE_COMMAND)
     script = tmp_path / f"job-{mode}.sh"
-    script.write_text(f"#!/bin/bash\nset -euo pipefail\n{requeue_snippet()}\n"
+    setup = "echo setup\nsleep 1\n" if signal_during_setup else ""     # the job's setup lines run after the snippet
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\n{requeue_snippet()}\n{setup}"
                       f"prune_ofa_preemptible {out} {sys.executable} {tmp_path / 'fake.py'} {out} {mode}\n"
                       "echo returned\n")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42")
@@ -154,6 +156,10 @@ def run_snippet(tmp_path: Path, mode: str, signal_after_start: bool = False) -> 
     (out / "STOP").touch()                  # stale files from an earlier attempt are cleared first
     (out / PREEMPTED_MARKER).write_text("old")
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    if signal_during_setup:
+        while "setup" not in proc.stdout.readline():
+            pass
+        proc.send_signal(signal.SIGUSR1)
     if signal_after_start:
         line = proc.stdout.readline()
         while "started" not in line:
@@ -167,6 +173,14 @@ def test_snippet_forwards_usr1_as_the_stop_file_and_requeues_on_exit_75(tmp_path
     rc, log, calls = run_snippet(tmp_path, "wait-for-stop", signal_after_start=True)
     assert rc == 0 and calls == ["requeue 42"]
     assert "USR1 received" in log and "requeueing job 42" in log and "returned" not in log
+
+
+def test_a_warning_during_the_setup_lines_is_kept_and_the_ranks_stop_at_once(tmp_path):
+    """USR1 before prune_ofa_preemptible runs (module loads, staging) would end the batch shell with the job
+    failed; the snippet keeps it, and the run stops at its first step and is requeued."""
+    rc, log, calls = run_snippet(tmp_path, "wait-for-stop", signal_during_setup=True)
+    assert rc == 0 and calls == ["requeue 42"], log
+    assert "before the run started" in log and "started" in log and "returned" not in log
 
 
 def test_snippet_passes_other_exit_codes_through_without_requeue(tmp_path):

@@ -154,7 +154,11 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         """slurm.conf; the reasons are in the notes. Beyond them: ``sched_interval=1`` lets a requeued
         job start as soon as it may (else the next pass can be up to a minute away), ``cred_expire``
-        (see __init__) and ``KillWait=10`` bound how long a cancelled job's processes may linger."""
+        (see __init__) and ``KillWait=10`` bound how long a cancelled job's processes may linger.
+        Time limits need nothing here: slurmctld tests them every 30 s (compiled in, PERIODIC_TIMEOUT),
+        sends ``--signal`` at the first test at or after ``end - seconds - 30 s`` and ends the job at the
+        first at or after ``end`` (OverTimeLimit 0), SIGKILL KillWait later; a requeued run gets a full
+        limit and a new warning (test_time_limit_chain.py)."""
         w = self.workdir
         (w / "state").mkdir(exist_ok=True)
         (w / "spool").mkdir(exist_ok=True)

@@ -25,6 +25,7 @@ MODULE_SECONDS = {
     "tests/recipes/test_finetune_resume.py": 360,
     "tests/unit/sparse_pretrain/zero/test_zero_shards.py": 360,
     "tests/recipes/test_finetune.py": 165,
+    "tests/cluster/test_time_limit_chain.py": 200,
     "tests/cluster/test_submit_on_slurm.py": 160,
     "tests/recipes/test_bad_inputs.py": 130,
     "tests/recipes/test_finetune_pruning.py": 125,
