@@ -23,8 +23,9 @@ import torch
 
 from finetune.engine import adapter_for
 from finetune.heads import head_for
+from finetune.monitoring import LOG_EVERY, TrainingWindow, eval_scalars, evaluation_due
 from finetune.recipe import FinetuneRecipe
-from sparse_pretrain.core.distill import soft_cross_entropy
+from sparse_pretrain.core.distill import KDTerms, distillation_terms
 from sparse_pretrain.core.masks import whole_parameters
 from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.runtime import checkpoints
@@ -77,6 +78,8 @@ def finetune_identity(recipe: FinetuneRecipe, precision: str | None = None) -> d
         tree["training"]["precision"] = precision
     if tree["training"]["precision"] == "fp32":   # the one precision before the key existed: those runs resume
         del tree["training"]["precision"]
+    if tree["task"]["labels"] is None:   # no label map given (an inferred one is the data's): as before the key
+        del tree["task"]["labels"]
     return run_identity(tree, NOT_IN_IDENTITY, {
         "model": model_identity(recipe.model.name_or_path),
         "teacher": model_identity(recipe.distillation.teacher), **data_identity(recipe.task)})
@@ -188,13 +191,13 @@ def evaluate(accelerator, model, head, loaders: dict, precision: str = "fp32") -
     return results
 
 
-def distillation_loss(student_out, teacher_out, head, temperature: float) -> torch.Tensor:
-    """Soft cross-entropy at temperature T, averaged over the head's logits (the class logits; or
-    the start and end logits of SQuAD), in fp32 whatever the logits' precision (a copy of the
-    teacher's: they were made under inference mode)."""
-    pairs = list(zip(head.distilled_logits(student_out), head.distilled_logits(teacher_out)))
-    return sum(soft_cross_entropy(s.float(), t.to(torch.float32, copy=True), temperature)
-               for s, t in pairs) / len(pairs)
+def distillation_loss(student_out, teacher_out, head, temperature: float) -> KDTerms:
+    """Soft cross-entropy at temperature T (times T^2), averaged over the head's logits (the class
+    logits; or the start and end logits of SQuAD), in fp32 whatever the logits' precision (a copy of
+    the teacher's: they were made under inference mode); with its KL divergence, for logging."""
+    pairs = [distillation_terms(s.float(), t.to(torch.float32, copy=True), temperature)
+             for s, t in zip(head.distilled_logits(student_out), head.distilled_logits(teacher_out))]
+    return KDTerms(sum(p.loss for p in pairs) / len(pairs), sum(p.kl for p in pairs) / len(pairs))
 
 
 def run(recipe: FinetuneRecipe) -> dict:
@@ -270,6 +273,8 @@ def run(recipe: FinetuneRecipe) -> dict:
     if pruner is not None:
         engine.prune_with(pruner, shards)
     mask_updates = []                                    # (fine-tune pruning) the masks at each update
+    history = []                                         # the evaluations during training
+    window = TrainingWindow(accelerator.device, distilled=teacher is not None)   # the scalars' window
 
     step = resumed_from = 0
     latest = checkpoints.latest(state_dir)
@@ -278,11 +283,25 @@ def run(recipe: FinetuneRecipe) -> dict:
         step = resumed_from = saved["step"]
         if pruner is not None:                        # the updates so far
             mask_updates = saved["mask_updates"]
+        history = saved.get("history", [])           # (a state saved before they were kept: none)
+        window.load_state_dict(saved.get("log_window"), accelerator.is_main_process)
         accelerator.print(f"resumed from {latest} at step {step}")
+    # the masks' sparsity, a TensorBoard scalar: read once (collective under DeepSpeed), then at mask updates
+    sparsity_now = engine.masks.sparsity()["global"] if engine.masks is not None else None
+
+    def reduce_sum(tensor):                           # over the processes (collective)
+        return accelerator.reduce(tensor, "sum")
+
+    def evaluate_now():                               # this step's evaluation: into history and TensorBoard
+        with window.paused():
+            history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders, precision)})
+        accelerator.log(eval_scalars(history[-1]), step=step)
+
+    if step and evaluation_due(step, t.eval_every, len(train_loader)) and all(h["step"] != step for h in history):
+        evaluate_now()       # the state was saved just before an evaluation it does not hold: make it now
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process,
                desc=f"{'qat' if recipe.qat.enabled else 'finetune'} {recipe.task.name}")
-    history = []
     model.train()
     while step < total:
         epoch, done_in_epoch = divmod(step, len(train_loader))
@@ -293,10 +312,13 @@ def run(recipe: FinetuneRecipe) -> dict:
             with autocast(precision, accelerator.device):   # under DDP Accelerate's own, here for DeepSpeed
                 out = model(**batch)
             loss = d.lambda_task * out.loss if teacher is not None else out.loss
+            terms = {"loss_task": out.loss}
             if teacher is not None:                   # the teacher in the student's precision
                 with torch.inference_mode(), autocast(precision, accelerator.device):
                     teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_COLUMNS})
-                loss = loss + d.lambda_kd * distillation_loss(out, teacher_out, head, d.temperature)
+                terms["loss_kd"], terms["kd_kl"] = distillation_loss(out, teacher_out, head, d.temperature)
+                loss = loss + d.lambda_kd * terms["loss_kd"]
+            window.add({"loss": loss, **terms}, batch)   # summed on the device: no host sync
             accelerator.backward(loss)
             engine.before_step()                      # pruned gradients zeroed
             if t.max_grad_norm:
@@ -307,25 +329,34 @@ def run(recipe: FinetuneRecipe) -> dict:
             target = engine.after_step()              # zeros kept; a pruner's masks recomputed every f steps
             if target is not None:
                 mask_updates.append(mask_update_record(step, target, pruner))
+                sparsity_now = mask_updates[-1]["sparsity"]
             step += 1
             bar.update(1)
-            if step % 10 == 0 and accelerator.is_main_process:   # a host sync only every 10 steps
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            if step % LOG_EVERY == 0 or step == total:   # a host sync and an all-reduce only every 10 steps
+                scalars = window.scalars(reduce_sum, accelerator.num_processes)
+                scalars["train/lr"] = scheduler.get_last_lr()[0]
+                if sparsity_now is not None:
+                    scalars["sparsity/global"] = sparsity_now
+                bar.set_postfix({k.split("/")[1]: f"{scalars[k]:.4f}" for k in ("train/loss", "train/kd_kl")
+                                 if k in scalars}, refresh=False)
+                accelerator.log(scalars, step=step)
             if target is not None:                    # the masks were recomputed at this step
                 accelerator.log({f"pruning/{k}": v for k, v in mask_updates[-1].items() if k != "step"}, step=step)
             # preemption (SLURM's warning signal, or the stop file): save this step, then stop for a requeue
             stop = step < total and watch.should_stop()          # one all-reduce of one int, every rank
             periodic = step % t.save_every == 0 if t.save_every else step % len(train_loader) == 0
-            if periodic or step == total or stop:
-                engine.save(state_dir, step, {"mask_updates": mask_updates} if pruner else None,
-                            run=(output_dir, identity))
+            if periodic or step == total or stop:      # the state holds the evaluations and the scalars' window
+                with window.paused():
+                    record = {"history": history, **({"mask_updates": mask_updates} if pruner else {}),
+                              "log_window": window.state_dict(reduce_sum, accelerator.is_main_process)}
+                    engine.save(state_dir, step, record, run=(output_dir, identity))
             if stop:
                 bar.close()
                 watch.requeue(output_dir, step, main=accelerator.is_main_process, say=accelerator.print)
-            if t.eval_every and step % t.eval_every == 0:
-                history.append({"step": step, **evaluate(accelerator, model, head, eval_loaders, precision)})
-                accelerator.log(eval_scalars(history[-1]), step=step)
+            # training.eval_every steps, or at the end of every epoch; after the save (the resumed run makes
+            # an evaluation its state does not hold, above)
+            if evaluation_due(step, t.eval_every, len(train_loader)):
+                evaluate_now()
     bar.close()
     watch.finish(output_dir, main=accelerator.is_main_process)
 
@@ -333,10 +364,14 @@ def run(recipe: FinetuneRecipe) -> dict:
     masked = engine.masks                             # the pattern-lock or the pruner, if any
     if masked is not None:
         masked.verify()
-    results = evaluate(accelerator, model, head, eval_loaders, precision)
-    accelerator.log(eval_scalars(results), step=step)
+    if history and history[-1]["step"] == step:       # the last step's evaluation: the same weights
+        results = {split: metrics for split, metrics in history[-1].items() if split != "step"}
+    else:
+        results = evaluate(accelerator, model, head, eval_loaders, precision)
+        accelerator.log(eval_scalars(results), step=step)
     sparsity_after = masked.sparsity() if masked is not None else None
-    summary = {"task": recipe.task.name, "steps": step, "resumed_from_step": resumed_from, "precision": precision,
+    summary = {"task": recipe.task.name, "labels": head.label_names,   # class names in id order (None: unnamed)
+               "steps": step, "resumed_from_step": resumed_from, "precision": precision,
                "metrics": results,
                "history": history,
                "sparsity": sparsity_after["global"] if masked is not None else None,
@@ -365,12 +400,6 @@ def run(recipe: FinetuneRecipe) -> dict:
         tracker.finish()                         # destroy the process group, which the caller may still use)
     accelerator.wait_for_everyone()
     return summary
-
-
-def eval_scalars(results: dict) -> dict:
-    """``{split: {metric: value}}`` as TensorBoard scalars ``eval/<split>/<metric>`` (numbers only)."""
-    return {f"eval/{split}/{name}": value for split, metrics in results.items() if isinstance(metrics, dict)
-            for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def export_int8(qat_model, lock, tokenizer, out_dir: Path, head, features, batch_size: int) -> dict:

@@ -30,7 +30,8 @@ def packaged_minilm_dir() -> Path:
 def run_demo(out: Path, sizes=None, one_shot: bool = True) -> int:
     import time
 
-    from launcher.demo_pipeline import DemoSizes, collect, held_out_sizes, plot_training, run_stages, stages
+    from launcher.demo_pipeline import DemoSizes, collect, held_out_sizes, run_stages, stages
+    from launcher.demo_plots import plot_training
     from launcher.demo_report import notes, one_shot_markdown, report_markdown, results_table
     from sparse_pretrain.recipe import load_recipe
     from sparse_pretrain.runtime.atomic import write_text

@@ -53,6 +53,7 @@ def demo_settings(sizes: DemoSizes, sparsity: float) -> dict[str, tuple[str, dic
     t, s, f, q = sizes.teacher_steps, sizes.student_steps, sizes.finetune_steps, sizes.qat_steps
     pretrain = {"training.dataloader_workers": 0, "training.save_interval": 1000000, "data.max_seq_length": seq}
     finetune = {"task.max_seq_length": 64, "training.batch_size": 16, "training.eval_batch_size": 128}
+    evaluations = {"training.eval_every": max(1, f // 4)}   # curves in training.png (less than an epoch is trained)
     return {
         "prepare": ("prepare the offline corpus (tokenize, NSP pairs, held-out split)", {"data.max_seq_length": seq}),
         "teacher": (f"teacher preparation: {t} steps, {n} processes, DeepSpeed ZeRO-2",
@@ -64,9 +65,9 @@ def demo_settings(sizes: DemoSizes, sparsity: float) -> dict[str, tuple[str, dic
                      "pruning.end": s * 4 // 5, "pruning.interval": max(1, s // 15),
                      "training.eval_interval": max(1, s // 4), "training.log_interval": max(1, s // 10), **pretrain}),
         "rt-teacher": (f"dense task teacher on RT sentiment: {f} steps, {n} processes (Accelerate DDP)",
-                       {"training.max_steps": f, **finetune}),
+                       {"training.max_steps": f, **finetune, **evaluations}),
         "rt-transfer": (f"transfer of the {pct}% student: pattern-lock + KD, {f} steps",
-                        {"training.max_steps": f, **finetune}),
+                        {"training.max_steps": f, **finetune, **evaluations}),
         "rt-qat": (f"8-bit QAT of the {pct}% transfer: {q} steps, int8 export evaluated on CPU",
                    {"training.max_steps": q, **finetune}),
         "rt-report": (f"compression report of the {pct}% model (sparse fp32 and int8)", {}),
@@ -259,42 +260,3 @@ def held_out_sizes(todo: list[DemoStage]) -> dict:
     rows = min(len(held_out), t.eval_batches * t.micro_batch_size)
     return {"mlm_rows": rows, "mlm_held_out_rows": len(held_out),
             "rt_train": len(load_rt_sentiment()["train"]), "rt_validation": len(load_rt_sentiment()["validation"])}
-
-
-def plot_training(out: Path, todo: list[DemoStage], sizes: DemoSizes) -> Path:
-    """Four panels from the runs' TensorBoard events: the students' sparsity (target and reached),
-    their rewound learning rate, the pre-training loss of the teacher and the students, and the RT
-    training loss of the task teacher and of each pattern-locked transfer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_s, ax_lr, ax_loss, ax_rt) = plt.subplots(1, 4, figsize=(20, 4))
-    loss = tensorboard_series(output_dir(todo, "teacher"), "train/loss")
-    ax_loss.plot([s + 1 for s in loss], list(loss.values()), label="teacher preparation", color="black")
-    for s in sizes.sparsities:
-        pct = round(100 * s)
-        run = output_dir(todo, "student", s)
-        target, reached = tensorboard_series(run, "sparsity/target"), tensorboard_series(run, "sparsity/global")
-        ax_s.step([k + 1 for k in target], list(target.values()), where="post", label=f"{pct}% target")
-        ax_s.plot([k + 1 for k in reached], list(reached.values()), "o", ms=3, label=f"{pct}% masks")
-        lr = tensorboard_series(run, "train/lr")
-        ax_lr.plot([k + 1 for k in lr], list(lr.values()), label=f"student {pct}%")
-        loss = tensorboard_series(run, "train/loss")
-        ax_loss.plot([k + 1 for k in loss], list(loss.values()), label=f"student {pct}% (0.5 MLM + 0.5 KD)")
-    for run, label in [(output_dir(todo, "rt-teacher"), "dense task teacher (cross-entropy)"),
-                       *[(output_dir(todo, "rt-transfer", s), f"{round(100 * s)}% transfer (KD, T=2)")
-                         for s in sizes.sparsities]]:
-        loss = tensorboard_series(run, "train/loss")
-        ax_rt.plot(list(loss), list(loss.values()), label=label)
-    ax_rt.set(title="RT fine-tuning loss", xlabel="step")
-    ax_s.set(title="sparsity of the pruned layers", xlabel="step", ylabel="sparsity")
-    ax_lr.set(title="learning rate (rewound every f steps)", xlabel="step")
-    ax_loss.set(title="training loss", xlabel="step")
-    for ax in (ax_s, ax_lr, ax_loss, ax_rt):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

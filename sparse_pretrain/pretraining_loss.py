@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from sparse_pretrain.core.distill import (
     IGNORE_INDEX,
     DistillationWeights,
-    chunked_soft_cross_entropy,
+    distillation_terms,
     kd_positions,
     pretraining_distillation_loss,
-    soft_cross_entropy,
 )
 
 VOCAB_ROWS = ("needed", "all")
@@ -95,8 +94,9 @@ def _forward_rows(model, inputs: dict, rows: torch.Tensor):
 def pretraining_losses(student, teacher: Optional[torch.nn.Module], batch: dict,
                        weights: Optional[DistillationWeights], nsp: bool, *,
                        vocab_rows: str = "needed") -> dict[str, torch.Tensor]:
-    """The loss of one micro-batch and its terms: ``loss`` (to backward), ``pretraining``, ``kd``
-    (0-dim tensors) and ``rows`` (0-dim: vocabulary rows the student projected).
+    """The loss of one micro-batch and its terms: ``loss`` (to backward), ``pretraining``, ``kd``,
+    ``kd_kl`` (the KL divergence of ``kd``, detached, for logging: :class:`~sparse_pretrain.core.distill.KDTerms`;
+    0-dim tensors) and ``rows`` (0-dim: vocabulary rows the student projected).
 
     ``student``: the model or its DeepSpeed engine; ``teacher``: the frozen teacher or None;
     ``batch``: input_ids, attention_mask[, token_type_ids], labels (-100 where not masked)[,
@@ -124,20 +124,19 @@ def pretraining_losses(student, teacher: Optional[torch.nn.Module], batch: dict,
     if nsp:
         loss_pt = loss_pt + F.cross_entropy(output.seq_relationship_logits.float().view(-1, 2),
                                             batch["next_sentence_label"].view(-1))
-    terms = {"pretraining": loss_pt, "loss": loss_pt, "kd": torch.zeros((), device=logits.device),
-             "rows": rows.sum()}
+    zero = torch.zeros((), device=logits.device)
+    terms = {"pretraining": loss_pt, "loss": loss_pt, "kd": zero, "kd_kl": zero, "rows": rows.sum()}
     if not kd:
         return terms
     with torch.no_grad():
         teacher_out = _forward_rows(teacher, inputs, rows)
     student_rows, teacher_rows = logits, mlm_logits(teacher_out)  # KD reads every row projected
-    kd_mlm = (chunked_soft_cross_entropy(student_rows, teacher_rows, weights.temperature, weights.chunk_rows)
-              if weights.chunk_rows else soft_cross_entropy(student_rows, teacher_rows, weights.temperature))
-    loss_kd = kd_mlm
+    loss_kd, kd_kl = distillation_terms(student_rows, teacher_rows, weights.temperature, weights.chunk_rows)
     if nsp:
-        loss_kd = loss_kd + soft_cross_entropy(output.seq_relationship_logits, teacher_out.seq_relationship_logits,
-                                               weights.temperature)
-    terms.update(kd=loss_kd, loss=weights.lambda_pt * loss_pt + weights.lambda_kd * loss_kd)
+        kd_nsp = distillation_terms(output.seq_relationship_logits, teacher_out.seq_relationship_logits,
+                                    weights.temperature)
+        loss_kd, kd_kl = loss_kd + kd_nsp.loss, kd_kl + kd_nsp.kl
+    terms.update(kd=loss_kd, kd_kl=kd_kl, loss=weights.lambda_pt * loss_pt + weights.lambda_kd * loss_kd)
     return terms
 
 
@@ -146,7 +145,8 @@ def _all_rows(student, teacher, batch, inputs, weights, nsp):
     keys = (*FORWARD_KEYS, "labels", "next_sentence_label")
     output = student(**{k: batch[k] for k in keys if k in batch})
     loss_pt = output.loss
-    terms = {"pretraining": loss_pt, "loss": loss_pt, "kd": torch.zeros((), device=loss_pt.device),
+    zero = torch.zeros((), device=loss_pt.device)
+    terms = {"pretraining": loss_pt, "loss": loss_pt, "kd": zero, "kd_kl": zero,
              "rows": batch["input_ids"].new_tensor(batch["input_ids"].numel())}
     if teacher is None or weights is None:
         return terms
@@ -155,5 +155,5 @@ def _all_rows(student, teacher, batch, inputs, weights, nsp):
     mixed = pretraining_distillation_loss(
         weights, loss_pt, mlm_logits(output), mlm_logits(teacher_out), batch.get("attention_mask"), batch["labels"],
         getattr(output, "seq_relationship_logits", None), teacher_out.seq_relationship_logits if nsp else None)
-    terms.update(kd=mixed["kd"], loss=mixed["loss"])
+    terms.update(kd=mixed["kd"], kd_kl=mixed["kd_kl"], loss=mixed["loss"])
     return terms

@@ -223,7 +223,8 @@ def run(recipe: Recipe) -> Path:
             print(f"pruning {len(pruned_names)} weights; this rank's masks: {held:,} bytes "
                   f"for {sum(p.shape.numel() for p in pruner.params):,} pruned weights")
 
-    sums = torch.zeros(5, dtype=torch.float64, device=engine.device)   # loss, loss_pt, loss_kd, tokens, rows
+    # loss, loss_pt, loss_kd, kd_kl (logged, not optimized), tokens, rows
+    sums = torch.zeros(6, dtype=torch.float64, device=engine.device)
     window_start, window_steps = time.perf_counter(), 0
     while step < t.total_steps:
         # -- one optimizer step: `accumulation` micro-batches, DeepSpeed steps at the boundary --
@@ -235,7 +236,7 @@ def run(recipe: Recipe) -> Path:
             engine.backward(loss)
             pause("mid-step", step, output_dir, rank)      # tests: a kill between backward and step
             engine.step()              # the pruner's hooks keep pruned weights and gradients at zero
-            sums += torch.stack([loss.detach(), terms["pretraining"].detach(), terms["kd"].detach(),
+            sums += torch.stack([loss.detach(), terms["pretraining"].detach(), terms["kd"].detach(), terms["kd_kl"],
                                  batch["attention_mask"].sum(), terms["rows"]]).double()
         batches.step()
         target = shards.after_step(pruner) if pruner is not None else None   # masks every f steps (collective)
@@ -253,23 +254,26 @@ def run(recipe: Recipe) -> Path:
             dist.all_reduce(sums)
             elapsed = time.perf_counter() - window_start
             micro_steps = window_steps * accumulation * world
-            values = (sums[:3] / micro_steps).tolist()     # mean loss per micro-batch
-            tokens_per_s = float(sums[3]) / elapsed        # non-padding tokens, all ranks
+            values = (sums[:4] / micro_steps).tolist()     # mean loss (and terms) per micro-batch
+            tokens_per_s = float(sums[4]) / elapsed        # non-padding tokens, all ranks
             grad_norm = engine.get_global_grad_norm()
             scalars = {"train/loss": values[0], "train/loss_pt": values[1], "train/grad_norm":
                        float(grad_norm) if grad_norm is not None else None,
                        "perf/tokens_per_s": tokens_per_s, "perf/step_time": elapsed / window_steps}
-            if teacher is not None:
-                scalars["train/loss_kd"] = values[2]
+            kd = ""
+            if teacher is not None:   # the soft cross-entropy optimized, and its KL (0 when the student matches)
+                scalars.update({"train/loss_kd": values[2], "train/kd_kl": values[3]})
+                kd = f" loss_kd {values[2]:.4f} kd_kl {values[3]:.4f}"
             if peak:   # the vocabulary projection counted on the rows projected
                 flops = flops_per_token(engine.module.config, recipe.data.max_seq_length, teacher is not None,
-                                        float(sums[4]) / max(1.0, float(sums[3])))
+                                        float(sums[5]) / max(1.0, float(sums[4])))
                 scalars["perf/mfu"] = tokens_per_s * flops / (peak * 1e12 * world)
             monitor.scalars(step - 1, scalars)
             sparsity = pruner.clock.current_sparsity if pruner is not None else 0.0
-            monitor.line(f"step {step}/{t.total_steps} loss {values[0]:.4f} lr {lr:.3e} "
+            monitor.line(f"step {step}/{t.total_steps} loss {values[0]:.4f}{kd} lr {lr:.3e} "
                          f"sparsity {sparsity:.3f} {tokens_per_s:,.0f} tok/s")
-            monitor.advance(window_steps, loss=f"{values[0]:.3f}")
+            monitor.advance(window_steps, loss=f"{values[0]:.3f}",
+                            **({"kd_kl": f"{values[3]:.3f}"} if teacher is not None else {}))
             sums.zero_()
             window_start, window_steps = time.perf_counter(), 0
         if step % t.eval_interval == 0 or step == t.total_steps:

@@ -125,13 +125,16 @@ def test_pattern_lock_keeps_every_zero_and_kd_alone_teaches(setup, flags):
     after = divergence_from_teacher(out / "model", teacher, root / "validation.jsonl")
     assert after < 0.5 * before                                       # lambda_task = 0: learned from the teacher
     assert (out / "state" / "latest").read_text().strip() == "step_00000048"
-    # TensorBoard (Accelerate's tracker, rank 0): the loss, and the linear LR schedule stepped once per
-    # optimizer step whatever the number of processes (lr 1e-2, no warmup, 48 steps)
+    # TensorBoard (Accelerate's tracker, rank 0): the loss every 10 steps and at the last, and the linear LR
+    # schedule stepped once per optimizer step whatever the number of processes (lr 1e-2, no warmup, 48 steps)
     from launcher.demo_pipeline import tensorboard_series
     lr = tensorboard_series(out, "train/lr")
-    assert sorted(lr) == [10, 20, 30, 40] and sorted(tensorboard_series(out, "train/loss")) == [10, 20, 30, 40]
+    assert sorted(lr) == [10, 20, 30, 40, 48] and sorted(tensorboard_series(out, "train/loss")) == [10, 20, 30, 40, 48]
     assert all(lr[k] == pytest.approx(1e-2 * (48 - k) / 48) for k in lr)
-    assert tensorboard_series(out, "eval/validation/accuracy").keys() == {48}
+    # training.eval_every unset: at the end of every epoch (256 rows, batch 8 on each of 2 processes: 16 steps)
+    assert tensorboard_series(out, "eval/validation/accuracy").keys() == {16, 32, 48}
+    assert [h["step"] for h in summary["history"]] == [16, 32, 48]
+    assert tensorboard_series(out, "sparsity/global")[48] == pytest.approx(summary["sparsity"])
 
 
 def run_single(recipe, *overrides):

@@ -89,7 +89,7 @@ def test_student_pruning_exports_exact_sparsity(setup, world_size, stage, method
 
     if (world_size, stage) == (2, 2):   # TensorBoard, read back with TensorBoard's own reader
         series = scalars(out)
-        expected = {"train/loss", "train/loss_pt", "train/loss_kd", "train/lr", "train/grad_norm",
+        expected = {"train/loss", "train/loss_pt", "train/loss_kd", "train/kd_kl", "train/lr", "train/grad_norm",
                     "sparsity/target", "sparsity/global", "sparsity/mask_changes", "perf/tokens_per_s",
                     "perf/step_time", "perf/mfu", "eval/mlm_accuracy", "eval/perplexity",
                     "sparsity/bert.pooler.dense.weight"}
@@ -99,6 +99,9 @@ def test_student_pruning_exports_exact_sparsity(setup, world_size, stage, method
         assert series["train/lr"][2] > series["train/lr"][1]          # rewound at step 2
         assert series["sparsity/target"][6] == pytest.approx(0.9)
         assert sorted(series["sparsity/target"]) == [0, 2, 4, 6]
+        # the KD term's KL divergence: the soft cross-entropy less the teacher's entropy (> 0 at T = 2)
+        assert all(0 < series["train/kd_kl"][s] < series["train/loss_kd"][s] for s in series["train/kd_kl"])
+        assert "kd_kl" in done.stdout                                    # in the log line too
 
 
 def one_process(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -131,3 +131,65 @@ def test_chunked_kd_holds_no_fp32_tensor_larger_than_a_chunk():
     with LargestFp32() as whole_mode:
         soft_cross_entropy(s.float(), t.float(), 2.0).backward()
     assert whole_mode.largest == rows * vocab                      # the test can tell the two apart
+
+
+# -- the KL divergence logged beside the soft cross-entropy ------------------------------------------
+
+@pytest.mark.parametrize("chunk_rows", [0, 3])
+def test_the_logged_kl_is_zero_for_the_teachers_own_logits(chunk_rows):
+    """The soft cross-entropy of a student equal to its teacher is the teacher's entropy (> 0, about
+    T^2 log V for flat logits), the KL term logged beside it is 0."""
+    from sparse_pretrain.core.distill import distillation_terms
+    torch.manual_seed(3)
+    t = torch.randn(7, 50)
+    terms = distillation_terms(t.clone().requires_grad_(True), t, 2.0, chunk_rows)
+    assert terms.loss.item() > 10.0
+    assert abs(terms.kl.item()) < 1e-6
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 1, 3, 64])
+def test_the_logged_kl_is_the_analytic_kl_and_the_loss_and_gradient_are_unchanged(chunk_rows):
+    """T^2 x KL(softmax(t/T) || softmax(s/T)) (torch's kl_div, fp64), chunked or not; loss - kl is the
+    teacher's entropy x T^2; the loss and its gradient are soft_cross_entropy's, bit for bit unchunked."""
+    from sparse_pretrain.core.distill import chunked_soft_cross_entropy, distillation_terms
+    torch.manual_seed(4)
+    s = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 11, dtype=torch.float64) * 3
+    T = 2.0
+    terms = distillation_terms(s, t, T, chunk_rows)
+    log_q, log_p = torch.log_softmax(s.detach() / T, -1), torch.log_softmax(t / T, -1)
+    kl = torch.nn.functional.kl_div(log_q.reshape(-1, 11), log_p.reshape(-1, 11), log_target=True,
+                                    reduction="batchmean") * T**2
+    entropy = -(log_p.exp() * log_p).sum(-1).mean() * T**2
+    assert terms.kl.item() == pytest.approx(kl.item(), rel=1e-9)
+    assert kl.item() > 0.1
+    assert (terms.loss - terms.kl).item() == pytest.approx(entropy.item(), rel=1e-12)
+    assert not terms.kl.requires_grad
+    reference = chunked_soft_cross_entropy(s, t, T, chunk_rows) if chunk_rows else soft_cross_entropy(s, t, T)
+    assert terms.loss.item() == reference.item()
+    g_terms, = torch.autograd.grad(terms.loss, s)
+    g_reference, = torch.autograd.grad(reference, s)
+    assert torch.equal(g_terms, g_reference)
+
+
+def test_chunked_and_whole_kl_agree_on_fp32_logits():
+    from sparse_pretrain.core.distill import distillation_terms
+    torch.manual_seed(5)
+    s, t = torch.randn(40, 300), torch.randn(40, 300) * 2
+    whole, chunked = distillation_terms(s, t, 2.0, 0), distillation_terms(s, t, 2.0, 7)
+    assert chunked.kl.item() == pytest.approx(whole.kl.item(), rel=1e-4)
+    assert chunked.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+
+
+def test_pretraining_terms_carry_the_kl_of_mlm_and_nsp():
+    from sparse_pretrain.core.distill import distillation_terms
+    torch.manual_seed(6)
+    attention = torch.ones(2, 3, dtype=torch.long)
+    s_mlm, t_mlm = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    s_nsp, t_nsp = torch.randn(2, 2), torch.randn(2, 2)
+    w = DistillationWeights(lambda_pt=0.5, lambda_kd=0.5, temperature=2.0)
+    terms = pretraining_distillation_loss(w, torch.tensor(3.0), s_mlm, t_mlm, attention, None, s_nsp, t_nsp)
+    expected = distillation_terms(s_mlm, t_mlm).kl + distillation_terms(s_nsp, t_nsp).kl
+    assert terms["kd_kl"].item() == pytest.approx(expected.item(), rel=1e-6)
+    same = pretraining_distillation_loss(w, torch.tensor(3.0), t_mlm, t_mlm, attention, None, t_nsp, t_nsp)
+    assert abs(same["kd_kl"].item()) < 1e-6 and same["kd"].item() > 1.0
