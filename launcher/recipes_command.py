@@ -11,6 +11,7 @@ only one folder has it, and never overwrites.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,24 +26,48 @@ KINDS = {
 }
 
 
+SUMMARY_CHARS = 100    # of a description in `recipes ls`
+WRAPPED_LINE = 90      # a comment line at least this long may run on into the next
+MIN_CLAUSE = 40        # a colon ends the description only after this many characters
+
+
 @dataclass(frozen=True)
 class ShippedRecipe:
     name: str            # path under configs/ without .yaml
     path: Path
     kind: str            # its folder under configs/ ("" at the top)
-    description: str     # the file's first comment line
+    description: str     # what the file's opening comment says first
 
 
 def first_comment_line(path: Path) -> str:
-    """The text of a file's first ``#`` line ("" where it has none)."""
+    """What a file's opening comment says first: its first ``#`` line, with the next ones while a line
+    runs on (header comments are prose wrapped near 100-120 columns, so a line may end mid-word), up to the
+    end of the first sentence or clause outside parentheses (``. ``, ``; ``, or ``: `` after ``MIN_CLAUSE``), at most
+    ``SUMMARY_CHARS`` cut at a word; "" where the file has no comment."""
+    words: list[str] = []
     try:
         with open(path, encoding="utf-8") as lines:
             for line in lines:
-                if line.lstrip().startswith("#"):
-                    return line.strip().lstrip("#").strip()
+                if not line.lstrip().startswith("#"):
+                    if words:
+                        break
+                    continue
+                words.append(line.strip().lstrip("#").strip())
+                if len(line.rstrip()) < WRAPPED_LINE or re.search(r"[.:;]$", words[-1]):
+                    break
     except (OSError, UnicodeDecodeError):
-        pass
-    return ""
+        return ""
+    text = re.sub(r"-\s+(?=[a-z])", "-", " ".join(w for w in words if w))    # "(pattern- lock" -> "(pattern-lock"
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        ends = char in ".;" or (char == ":" and i >= MIN_CLAUSE)     # "Offline default: ..." goes on
+        if depth == 0 and ends and (i + 1 == len(text) or text[i + 1] == " ") and text[i - 1:i] != ".":
+            text = text[:i]
+            break
+    if len(text) > SUMMARY_CHARS:
+        text = text[:SUMMARY_CHARS].rsplit(" ", 1)[0].rstrip(",( ") + " ..."
+    return text.strip()
 
 
 def shipped_recipes(root: Path = CONFIGS_DIR) -> list[ShippedRecipe]:

@@ -1,6 +1,7 @@
 """`prune-ofa recipes ls` and `prune-ofa recipes cp`: every shipped file listed, copies byte for byte,
 never over an existing file, and an unknown name answered with the close ones."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,24 @@ def test_ls_lists_every_file_under_configs_with_its_first_comment_line(capsys):
     for r in recipes:
         assert f"  {r.name} " in out or out.count(f"  {r.name}\n") == 1
         first = next((line for line in r.path.read_text().splitlines() if line.lstrip().startswith("#")), "")
-        assert r.description == first.strip().lstrip("#").strip()
+        start = first.strip().lstrip("#").strip()[:40].rsplit(" ", 1)[0]
+        assert r.description.startswith(start) and len(r.description) <= 104, (r.name, r.description)
+        assert not re.search(r"\w-$|\($", r.description), (r.name, r.description)   # no line cut mid-word
     by_name = {r.name: r for r in recipes}
     assert by_name["bert-base-uncased-90"].description == "BERT-Base uncased, 90% unstructured"
     assert by_name["bert-base-uncased-90"].kind == "" and "pre-training recipes" in out.splitlines()[0]
+
+
+def test_a_description_is_the_first_sentence_of_the_opening_comment_joined_across_wrapped_lines(tmp_path):
+    wrapped = "# Transfer of a sparse pre-trained model to SQuAD v1.1 (hub: rajpurkar/squad) with its zeros (pattern-\n"
+    (tmp_path / "a.yaml").write_text(wrapped + "# lock) kept. More text.\n# Another line.\na: 1\n")
+    (tmp_path / "b.yaml").write_text("# Offline default: student pruning of MiniLM\n# to 85%\na: 1\n")
+    (tmp_path / "c.yaml").write_text("# " + "word " * 40 + "\n")
+    by_name = {r.name: r.description for r in shipped_recipes(tmp_path)}
+    assert by_name["a"] == ("Transfer of a sparse pre-trained model to SQuAD v1.1 (hub: rajpurkar/squad) with its "
+                            "zeros ...")
+    assert by_name["b"] == "Offline default: student pruning of MiniLM"
+    assert by_name["c"].endswith(" ...") and len(by_name["c"]) <= 104
 
 
 def test_a_new_folder_is_listed_under_its_name(tmp_path):
