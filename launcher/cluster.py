@@ -148,8 +148,9 @@ def resolve_cluster_path(name_or_path: str | Path) -> Path:
     raise ClusterProfileError(f"cluster profile: no such file {str(name_or_path)!r} (shipped: {names})")
 
 
-def cluster_argument(value: Optional[str], environ=os.environ) -> Optional[str]:
+def cluster_argument(value: Optional[str], environ=None) -> Optional[str]:
     """``--cluster``'s value, else ``$PRUNE_OFA_CLUSTER`` (empty: none), else None."""
+    environ = os.environ if environ is None else environ     # at call time: see sparse_pretrain.runtime.rendezvous
     return value or environ.get(CLUSTER_VARIABLE) or None
 
 

@@ -124,14 +124,16 @@ def pipeline_sources(pipeline) -> list:
 
 # -- the cache -------------------------------------------------------------------------------------
 
-def default_hf_home(environ=os.environ) -> Path:
+def default_hf_home(environ=None) -> Path:
     """Hugging Face's default HF_HOME (huggingface_hub.constants: $XDG_CACHE_HOME/huggingface)."""
+    environ = os.environ if environ is None else environ
     return Path(environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"
 
 
-def choose_cache(cache: Optional[str], cluster, environ=os.environ) -> tuple[Path, str]:
+def choose_cache(cache: Optional[str], cluster, environ=None) -> tuple[Path, str]:
     """(HF_HOME to fetch into, where that came from): --cache, the cluster profile's hf_home,
     $HF_HOME, Hugging Face's default."""
+    environ = os.environ if environ is None else environ
     if cache:
         return Path(cache).expanduser().resolve(), "--cache"
     if cluster is not None and getattr(cluster, "hf_home", None):
@@ -223,7 +225,8 @@ def fetch_error(need: Need, err: Exception):
 
 # -- the command -----------------------------------------------------------------------------------
 
-def offline_variables(environ=os.environ) -> list[str]:
+def offline_variables(environ=None) -> list[str]:
+    environ = os.environ if environ is None else environ
     from sparse_pretrain.runtime.model_checks import OFFLINE_VARIABLES
     return [name for name in OFFLINE_VARIABLES if environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]
 

@@ -615,10 +615,12 @@ def accelerate_env(stage: str, zero_stage: Optional[int], gpu: bool) -> dict[str
     return {} if gpu else {"ACCELERATE_USE_CPU": "true"}    # else Accelerate on CPU sees one process each
 
 
-def build_plan(request: LaunchRequest, environ: Mapping[str, str] = os.environ,
+def build_plan(request: LaunchRequest, environ: Optional[Mapping[str, str]] = None,
                cuda_devices: Optional[int] = None, executable: str = sys.executable) -> LaunchPlan:
     """The command that runs ``request`` here, checked; raises ValueError (ConfigError) before anything
-    runs. ``cuda_devices``: CUDA devices of this machine (None: ask torch when it matters)."""
+    runs. ``environ``: default os.environ, read at call time. ``cuda_devices``: CUDA devices of this
+    machine (None: ask torch when it matters)."""
+    environ = os.environ if environ is None else environ
     r = request
     check_request(r)
     cuda_here = functools.cache(lambda: _cuda_devices() if cuda_devices is None else cuda_devices)

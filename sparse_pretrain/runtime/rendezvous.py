@@ -188,9 +188,17 @@ def _int(environ: Mapping[str, str], *names: str) -> Optional[int]:
     return None
 
 
-def from_slurm(environ: Mapping[str, str] = os.environ) -> Optional[Rendezvous]:
+def current_environ(environ=None):
+    """``environ``, or ``os.environ`` as it is bound NOW: never bind it as a default argument, since
+    ``datasets.Dataset.map(num_proc=N)`` rebinds ``os.environ`` to a copy (datasets 4.x,
+    arrow_dataset.py), after which a default bound at import time reads a stale mapping."""
+    return os.environ if environ is None else environ
+
+
+def from_slurm(environ: Optional[Mapping[str, str]] = None) -> Optional[Rendezvous]:
     """The rendezvous of this SLURM task (None outside SLURM). MASTER_ADDR / MASTER_PORT already set
     by the user win over what SLURM's environment gives."""
+    environ = current_environ(environ)
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     if not job_id:
         return None
@@ -227,13 +235,14 @@ def from_slurm(environ: Mapping[str, str] = os.environ) -> Optional[Rendezvous]:
                       **common)
 
 
-def export_torch_env(environ: MutableMapping[str, str] = os.environ) -> bool:
+def export_torch_env(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     """Make an srun task a torch.distributed rank: where ``RANK`` is not set yet (no torchrun, deepspeed
     or accelerate launcher started this process) and this process is a task of an srun step, set
     ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``
     from SLURM's variables (keeping MASTER_ADDR/MASTER_PORT the user set). A step with one task per
     node run without a launcher is one process per node, so it is covered too. Returns whether it
     exported anything."""
+    environ = current_environ(environ)
     if "RANK" in environ:
         return False
     r = from_slurm(environ)
