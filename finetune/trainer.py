@@ -60,9 +60,9 @@ def data_identity(task) -> dict:
     if task.data_files:
         return {f"data.{split}": files_identity([paths] if isinstance(paths, (str, Path)) else list(paths))
                 for split, paths in sorted(task.data_files.items())}
-    from finetune.tasks.classification import OFFLINE_FILES, offline_task_path
+    from finetune.tasks.classification import OFFLINE_FILES, offline_task_files
     if task.name in OFFLINE_FILES:
-        return {"data": files_identity([offline_task_path(task.name)])}
+        return {"data": files_identity(offline_task_files(task.name))}
     return {"data": f"hub:{task.name}"}
 
 

