@@ -62,10 +62,12 @@ def test_pretraining_gaps_fail_on_load_naming_the_key(override, expected):
     (RT_TEACHER, ["training.eval_batch_size=0"], "training.eval_batch_size: must be > 0, got 0"),
     (RT_TEACHER, ["task.num_labels=-2"], "task.num_labels: must be >= 2, got -2"),
     (RT_TEACHER, ["task.name=reviews", "task.text_columns=[text]"],
-     "task.data_files: task 'reviews' is not a known task (bbc-news, mnli, qnli, qqp, rt-sentiment, squad, sst2, trec): a custom "
+     "task.data_files: task 'reviews' is not a known task (bbc-news, mnli, qnli, qqp, rt-sentiment, squad, sst2, "
+     "trec): a custom "
      "task reads local files; set task.data_files: {train: FILE, validation: FILE}"),
     (RT_TEACHER, ["task.name=reviews", "task.data_files={train: a.csv, validation: b.csv}"],
-     "task.text_columns: task 'reviews' is not a known task (bbc-news, mnli, qnli, qqp, rt-sentiment, squad, sst2, trec): a custom "
+     "task.text_columns: task 'reviews' is not a known task (bbc-news, mnli, qnli, qqp, rt-sentiment, squad, sst2, "
+     "trec): a custom "
      "task names its text columns: set task.text_columns: [COLUMN] or [COLUMN, COLUMN] (and task.label_column, "
      "default label)"),
     (FT_PRUNING, ["pruning.include=[]"],
