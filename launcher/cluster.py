@@ -28,7 +28,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BeforeValidator, Field, PrivateAttr, field_validator
 
-from launcher.pipeline import STAGE_NAME, PipelineError, Resources, SlurmText
+from launcher.pipeline import PipelineError, Resources, SlurmText, check_class_names, file_or_shipped
 from sparse_pretrain.runtime.recipe_files import read_yaml_tree
 from sparse_pretrain.runtime.schema import Flag, Section, Text, validated
 
@@ -87,10 +87,7 @@ class ClusterProfile(Section):
     @field_validator("classes")
     @classmethod
     def _class_names(cls, classes: dict) -> dict:
-        for name in classes:
-            if not STAGE_NAME.fullmatch(name):
-                raise ValueError(f"{name!r}: a class name must be letters, digits, '.', '_' or '-'")
-        return classes
+        return check_class_names(classes)
 
     @field_validator("env", "nccl")
     @classmethod
@@ -138,14 +135,7 @@ class ClusterProfile(Section):
 
 def resolve_cluster_path(name_or_path: str | Path) -> Path:
     """A profile file, or the name of a shipped one (``example`` -> configs/clusters/example.yaml)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    shipped = CLUSTERS / f"{name_or_path}.yaml"
-    if "/" not in str(name_or_path) and shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CLUSTERS.glob("*.yaml")))
-    raise ClusterProfileError(f"cluster profile: no such file {str(name_or_path)!r} (shipped: {names})")
+    return file_or_shipped(name_or_path, CLUSTERS, str(name_or_path), ClusterProfileError, "cluster profile", "shipped")
 
 
 def cluster_argument(value: Optional[str], environ=None) -> Optional[str]:

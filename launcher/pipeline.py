@@ -314,10 +314,7 @@ class PipelineSpec(Section):
     @field_validator("classes")
     @classmethod
     def _class_names(cls, classes: dict) -> dict:
-        for name in classes:
-            if not STAGE_NAME.fullmatch(name):
-                raise ValueError(f"{name!r}: a class name must be letters, digits, '.', '_' or '-'")
-        return classes
+        return check_class_names(classes)
 
     @field_validator("tasks")
     @classmethod
@@ -347,17 +344,33 @@ class PipelineSpec(Section):
         return self
 
 
-def resolve_pipeline_path(name_or_path: str | Path) -> Path:
-    """A pipeline spec file, or the name of a shipped one (``bert-base-90`` ->
-    configs/pipelines/bert-base-90.yaml)."""
+def file_or_shipped(name_or_path: str | Path, folder: Path, shipped_name: str, error: type[Exception],
+                    what: str, listing: str) -> Path:
+    """``name_or_path`` if it is a file, else ``folder/<shipped_name>.yaml`` for a bare name; otherwise
+    ``error`` naming ``what`` and listing the shipped files (pipelines and cluster profiles)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    shipped = PIPELINES / f"{str(name_or_path).removesuffix('.yaml')}.yaml"
+    shipped = folder / f"{shipped_name}.yaml"
     if "/" not in str(name_or_path) and shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in PIPELINES.glob("*.yaml")))
-    raise PipelineError(f"pipeline: no such file {str(name_or_path)!r} (shipped pipelines: {names})")
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    raise error(f"{what}: no such file {str(name_or_path)!r} ({listing}: {names})")
+
+
+def resolve_pipeline_path(name_or_path: str | Path) -> Path:
+    """A pipeline spec file, or the name of a shipped one (``bert-base-90`` ->
+    configs/pipelines/bert-base-90.yaml)."""
+    return file_or_shipped(name_or_path, PIPELINES, str(name_or_path).removesuffix(".yaml"), PipelineError,
+                           "pipeline", "shipped pipelines")
+
+
+def check_class_names(classes: dict) -> dict:
+    """Resource class names (a pipeline's ``classes``, a cluster profile's) are words."""
+    for name in classes:
+        if not STAGE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: a class name must be letters, digits, '.', '_' or '-'")
+    return classes
 
 
 def load_pipeline(path: str | Path, check_partition: bool = True, overrides: Optional[dict] = None,
