@@ -9,13 +9,7 @@
 set -euo pipefail   # pipefail: check.py's exit status, not tee's
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/gpu-check}
-SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
 mkdir -p "$OUT"
-compgen -G "bench/gpu/wheels/deepspeed-*.whl" >/dev/null \
-    || { echo "bench/gpu/wheels/ has no DeepSpeed wheel: run bench/gpu/prepare.sh first, and carry the folder" >&2
-         exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    bench/gpu/wheels/*.whl
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+source bench/gpu/install_site.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 bench/gpu/check.py --out "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"

@@ -19,7 +19,7 @@ PRETRAIN = ROOT / "configs" / "bert-base-uncased-90.yaml"
 RT_TEACHER = ROOT / "configs" / "finetune" / "rt-teacher.yaml"
 RT_SPARSE = ROOT / "configs" / "finetune" / "rt-transfer.yaml"
 RT_QAT = ROOT / "configs" / "finetune" / "rt-qat.yaml"
-FT_PRUNING = ROOT / "bench" / "fidelity" / "rt-finetune-pruning-85.yaml"
+FT_PRUNING = ROOT / "bench" / "fidelity" / "finetune-pruning-85.yaml"
 
 
 def message(load, *args) -> str:
