@@ -109,7 +109,14 @@ def test_summary_states_the_comparison_the_catch_up_budget_and_the_ablations(tmp
     assert "at 4B, so pruning once costs less in all from 4.0 tasks" in text      # 600k / (3 x 50k)
     assert statements["gain_of_ofa-no-kd-pruning"]["paired"]["mean"] == pytest.approx(0.05)
     assert "**KD in pruning**: (a) − (a without it) = +5.0" in text
-    assert "**KD in transfer**: (a) − (a without it) = -1.0" in text and "not beyond the spread" in text
+    assert "**KD in transfer**: (a) − (a without it) = -1.0" in text
+    assert statements["gain_of_ofa-no-kd-pruning"]["verdict"] == "helps beyond the spread"
+    assert statements["gain_of_ofa-no-kd-transfer"]["verdict"] == "not beyond the spread"
+    for path in results.glob("seed1/**/*.json"):      # one seed left: no spread to judge a gain against
+        path.unlink()
+    summarize(results, "cpu-medium", s)
+    statements = json.loads((results / "summary.json").read_text())["statements"]
+    assert statements["gain_of_ofa-no-kd-pruning"]["verdict"] == "one seed: no spread to judge against"
 
 
 def test_a_bundle_unpacks_to_the_packaged_weights_rounded_to_bf16(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ MODULE_SECONDS = {
     "tests/recipes/test_pretrain.py": 470,
     "tests/recipes/test_finetune_resume.py": 360,
     "tests/unit/sparse_pretrain/zero/test_zero_shards.py": 360,
+    "tests/bench/test_fidelity_smoke.py": 300,
     "tests/recipes/test_finetune.py": 165,
     "tests/cluster/test_time_limit_chain.py": 200,
     "tests/cluster/test_submit_on_slurm.py": 160,
