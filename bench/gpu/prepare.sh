@@ -2,7 +2,8 @@
 # Run HERE (a machine with the project's venv and PyPI), before a device run: builds bench/gpu/wheels/,
 # what the GPU machine lacks and run.sh installs there offline: a DeepSpeed wheel (PyPI has only its
 # source archive; built without ops, which DeepSpeed JIT-builds where they are used) and DeepSpeed's
-# pure-Python needs the device image has not (hjson, pydantic and its own), as Python 3.12 x86-64 wheels.
+# pure-Python needs the device image has not (hjson, pydantic and its own), and datasets with the two of
+# its needs the image lacks, as Python 3.12 x86-64 wheels.
 # Versions: DeepSpeed and pydantic from constraints.txt, the rest as the venv has them (pydantic-core
 # must be the one this pydantic pins). Idempotent: a wheel already there is kept, one of another version
 # removed (two versions of a package in the folder would stop run.sh's install).
@@ -32,7 +33,10 @@ fi
 
 declare -A versions=([hjson]=$(installed hjson) [pydantic]=$(pinned pydantic) [pydantic_core]=$(installed pydantic-core)
                      [annotated_types]=$(installed annotated-types) [typing_inspection]=$(installed typing-inspection)
-                     [typing_extensions]=$(installed typing-extensions))
+                     [typing_extensions]=$(installed typing-extensions)
+                     # the fidelity study's data (bench/fidelity/gpu.sh): datasets and what the image lacks of
+                     # its needs (it has pyarrow, pandas, fsspec, xxhash, huggingface-hub)
+                     [datasets]=$(installed datasets) [dill]=$(installed dill) [multiprocess]=$(installed multiprocess))
 for name in "${!versions[@]}"; do
     have "$name" "${versions[$name]}" && continue
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
