@@ -99,8 +99,8 @@ def summarize(results: Path, scale_name: str, s: Scale) -> str:
                              f"{statistics.fmean(r['seconds'] for r in rs) / 60:.1f} min.")
     for seed in seeds:
         total = sum(r["seconds"] for k, r in records.items() if k.startswith(f"seed{seed}/"))
-        lines.append(f"Seed {seed}: its stages took {total / 60:.0f} min one after another"
-                     + (f", {(total + teacher['seconds']) / 60:.0f} min with the teacher preparation." if teacher else "."))
+        with_teacher = f", {(total + teacher['seconds']) / 60:.0f} min with the teacher preparation" if teacher else ""
+        lines.append(f"Seed {seed}: its stages took {total / 60:.0f} min one after another{with_teacher}.")
     seconds = {v: spread([r["seconds"] for r in task_runs if r["variant"] == v]) for v in TASK_VARIANTS}
     timing = ", ".join(f"{v} {seconds[v]['mean'] / 60:.1f}" for v in TASK_VARIANTS if seconds[v].get("n"))
     if timing:
