@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.fidelity.study import SPARSITY, TASK_VARIANTS, Scale, Stage, multiple
+from bench.fidelity.study import SPARSITY, TASK_VARIANTS, Stage, multiple
 
 
 def tensorboard_last(run_dir: Path, tag: str):
@@ -36,7 +36,7 @@ def record_path(results: Path, stage: Stage) -> Path:
     return results / (stage.key + ".json")      # seed0/student-ofa.json, seed0/trec/prune-ofa.json
 
 
-def stage_record(stage: Stage, s: Scale, scale_name: str, seconds: float, all_stages: dict) -> dict:
+def stage_record(stage: Stage, scale_name: str, seconds: float) -> dict:
     record = {"key": stage.key, "scale": scale_name, "seed": stage.seed, "seconds": round(seconds, 1),
               "tokens": round(stage.tokens), "command": stage.command, "overrides": stage.overrides}
     if stage.command == "pretrain":

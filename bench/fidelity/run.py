@@ -55,8 +55,8 @@ def run_stages(stages: list, s: Scale, scale_name: str, results: Path, parallel:
     done = {st.key for st in stages if finished(st)}
     for key in done:                       # records of stages finished before (another session, say)
         if not record_path(results, by_key[key]).is_file():
-            write_record(by_key[key], s, scale_name, results,
-                         json.loads((by_key[key].out / "stage.json").read_text())["seconds"], by_key)
+            write_record(by_key[key], scale_name, results,
+                         json.loads((by_key[key].out / "stage.json").read_text())["seconds"])
     pending = [st for st in stages if st.key not in done]
     running: dict = {}
     failed: list = []
@@ -86,7 +86,7 @@ def run_stages(stages: list, s: Scale, scale_name: str, results: Path, parallel:
             (st.out / "stage.json").write_text(json.dumps(
                 {"key": st.key, "seconds": round(seconds, 1), "argv": argv_of(st)}, indent=2) + "\n")
             done.add(key)
-            record = write_record(st, s, scale_name, results, seconds, by_key)
+            record = write_record(st, scale_name, results, seconds)
             result = (f"accuracy {record['accuracy']:.4f}" if "accuracy" in record
                       else f"held-out MLM accuracy {record['mlm_accuracy']:.4f}")
             print(f"[{(time.perf_counter() - began) / 60:6.1f} min] done  {key} in {seconds / 60:.1f} min: "
@@ -111,8 +111,8 @@ def start(st: Stage, s: Scale):
     return st, proc, time.perf_counter(), log
 
 
-def write_record(st: Stage, s: Scale, scale_name: str, results: Path, seconds: float, by_key: dict) -> dict:
-    record = stage_record(st, s, scale_name, seconds, by_key)
+def write_record(st: Stage, scale_name: str, results: Path, seconds: float) -> dict:
+    record = stage_record(st, scale_name, seconds)
     path = record_path(results, st)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
