@@ -72,9 +72,9 @@ PAPER_DIFFERENCES = ("MiniLM-L6 (22.7M parameters) instead of BERT-Base", "seque
                      "85% sparsity, unstructured", "three offline single-sentence tasks instead of SQuAD and GLUE")
 
 SCALES = {
-    # 2 CPU cores, one seed in under 2 hours (teacher preparation, 16 min, once per scale)
+    # 2 CPU cores, about 2 hours per seed (teacher preparation, 16-22 min, once per scale)
     "cpu-medium": Scale(
-        description="2 CPU cores; one seed in under 2 hours",
+        description="2 CPU cores; about 2 hours per seed",
         tasks=("rt-sentiment", "trec", "bbc-news"), pretrain_seq=128, pretrain_batch=16, pretrain_micro=16,
         teacher_steps=400, teacher_lr=1e-4, head_lr=3e-3, student_steps=300, student_lr=3e-4,
         warmup=1 / 15, policy_end=2 / 3, end=4 / 5, interval=1 / 15, kd_positions="masked",
