@@ -9,7 +9,6 @@ back in fp32 (the trainers load a checkpoint in its own dtype) and the files as 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -18,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from bench.fidelity.study import ROOT, SPLIT_SEED, Inputs, Scale
+from sparse_pretrain.data.prepare import file_digest
 
 TEXT_COLUMN = {"rt-sentiment": "sentence", "trec": "question", "bbc-news": "text"}
 MODEL_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -84,30 +84,26 @@ def from_packages(s: Scale, work_dir: Path, corpus: tuple) -> Inputs:
     return _inputs(s, "packaged:minilm-l6", str(packaged_model_dir("minilm-l6")), corpus, task_files)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def copy_model(source: Path, target: Path, dtype) -> None:
+    """The model's weights (floating ones in ``dtype``), config and tokenizer files into ``target``."""
+    from safetensors.torch import load_file, save_file
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(source / "model.safetensors").items()}
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    for name in MODEL_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def pack(bundle: Path, tasks: tuple, corpus: tuple) -> dict:
     """Write the bundle (atomically: a half-written one never takes the name)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from sparse_pretrain.runtime.packaged_models import packaged_model_dir
     model_dir = packaged_model_dir("minilm-l6")
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
-    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-             for k, v in load_file(model_dir / "model.safetensors").items()}
-    save_file(state, tmp / "model" / "model.safetensors", metadata={"format": "pt"})
-    for name in MODEL_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, tmp / "model" / name)
+    copy_model(model_dir, tmp / "model", torch.bfloat16)
     missing = [c for c in corpus if not Path(c).is_file()]
     if missing:
         raise SystemExit(f"no corpus file {', '.join(missing)}: run `make corpus` first, or give --corpus")
@@ -124,7 +120,7 @@ def pack(bundle: Path, tasks: tuple, corpus: tuple) -> dict:
     shutil.rmtree(splits)
     manifest = {"tasks": list(tasks), "corpus": [f"corpus/{Path(c).name}" for c in corpus],
                 "model_dtype": "bfloat16", "split_seed": SPLIT_SEED,
-                "files": {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}}
+                "files": {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -139,14 +135,13 @@ def bundle_bytes(bundle: Path) -> int:
 def from_bundle(s: Scale, bundle: Path, work_dir: Path) -> Inputs:
     """Check the bundle against its manifest, unpack it into ``work_dir/inputs`` (the model in fp32)."""
     import torch
-    from safetensors.torch import load_file, save_file
     manifest_file = bundle / "manifest.json"
     if not manifest_file.is_file():
         raise SystemExit(f"--bundle {bundle}: no manifest.json; write one with `python bench/fidelity/run.py "
                          f"--pack {bundle}`")
     manifest = json.loads(manifest_file.read_text())
     bad = [name for name, digest in manifest["files"].items()
-           if not (bundle / name).is_file() or _sha256(bundle / name) != digest]
+           if not (bundle / name).is_file() or file_digest(bundle / name) != digest]
     if bad:
         raise SystemExit(f"--bundle {bundle}: missing or changed since packing: {', '.join(bad)}")
     absent = [t for t in s.tasks if f"tasks/{t}-train.jsonl.xz" not in manifest["files"]]
@@ -158,12 +153,7 @@ def from_bundle(s: Scale, bundle: Path, work_dir: Path) -> Inputs:
         tmp = inputs / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {k: v.to(torch.float32) if v.is_floating_point() else v
-                 for k, v in load_file(bundle / "model" / "model.safetensors").items()}
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        for name in MODEL_FILES:
-            if (bundle / "model" / name).is_file():
-                shutil.copy2(bundle / "model" / name, tmp / name)
+        copy_model(bundle / "model", tmp, torch.float32)
         os.replace(tmp, model_dir)
     unpacked = {}
     for name in manifest["files"]:
