@@ -144,7 +144,9 @@ def summarize(results: Path, scale_name: str, s: Scale) -> str:
         statements[f"gain_of_{variant}"] = {"paired": d, "seed_std_of_a": seed_std}
         # beyond the spread: a gain larger than (a)'s seed-to-seed std, and positive on every (seed, task)
         beyond = d["mean"] > seed_std and d["min"] > 0
-        verdict = ("one seed: no spread to judge against" if len(seeds) < 2 else
+        paired_seeds = {seed for seed in seeds for t in tasks
+                        if (seed, t, "prune-ofa") in acc and (seed, t, variant) in acc}
+        verdict = ("one seed: no spread to judge against" if len(paired_seeds) < 2 else
                    "helps beyond the spread" if beyond else "not beyond the spread")
         statements[f"gain_of_{variant}"]["verdict"] = verdict
         lines.append(f"- **{what}**: (a) − (a without it) = {fmt(d, signed=True)} points "

@@ -112,6 +112,13 @@ def test_summary_states_the_comparison_the_catch_up_budget_and_the_ablations(tmp
     assert "**KD in transfer**: (a) − (a without it) = -1.0" in text
     assert statements["gain_of_ofa-no-kd-pruning"]["verdict"] == "helps beyond the spread"
     assert statements["gain_of_ofa-no-kd-transfer"]["verdict"] == "not beyond the spread"
+    (results / "seed1" / "trec" / "ofa-no-lrr.json").unlink()
+    for path in results.glob("seed1/*/ofa-no-kd-pruning.json"):   # the ablation in one seed, the core in two
+        path.unlink()
+    summarize(results, "cpu-medium", s)
+    statements = json.loads((results / "summary.json").read_text())["statements"]
+    assert statements["gain_of_ofa-no-kd-pruning"]["verdict"] == "one seed: no spread to judge against"
+    assert statements["gain_of_ofa-no-lrr"]["verdict"] != "one seed: no spread to judge against"  # 2 of 3 tasks
     for path in results.glob("seed1/**/*.json"):      # one seed left: no spread to judge a gain against
         path.unlink()
     summarize(results, "cpu-medium", s)
