@@ -72,3 +72,17 @@ def test_the_table_bolds_each_rows_best_lr_and_compares_the_variants_at_their_ow
     assert "| trec | (a) Prune OFA: transfer B | 50.0 | **70.0** |" in table
     assert "| trec | (b) fine-tune pruning, B | **80.0** | 60.0 |" in table
     assert "best (a) 70.0 at lr0.001, best (b) 80.0 at lr0.0001: (a) − (b) at their own best LR -10.0" in table
+
+
+def test_the_linear_probe_scores_separable_features_high_and_label_noise_at_chance():
+    """bench/fidelity/probe.py's probe: what it reports is what a linear model can read off the features."""
+    import torch
+
+    from bench.fidelity.probe import probe_accuracy
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (800,), generator=g)
+    centres = 3 * torch.randn(4, 16, generator=g)
+    features = centres[labels] + torch.randn(800, 16, generator=g)
+    assert probe_accuracy(features[:600], labels[:600], features[600:], labels[600:]) > 0.95
+    noise = torch.randn(800, 16, generator=g)
+    assert probe_accuracy(noise[:600], labels[:600], noise[600:], labels[600:]) < 0.4     # chance is 0.25
