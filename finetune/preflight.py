@@ -39,32 +39,30 @@ TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 # -- pattern-lock: the sparsity of a model's pruned weights, read lazily ---------------------------------
 
 def pruned_weight_sparsity(model_dir: str | Path) -> Optional[float]:
-    """Zeros / elements over the 2-D weights pattern-lock locks (the Linear weights the default include
-    pattern selects: the encoder's and the pooler's), read from the safetensors files without
-    building the model. None without safetensors files or without such weights (the trainer checks)."""
-    import re
-
+    """Zeros / elements over the weights pattern-lock locks (the default selection: every Linear inside the
+    model's repeated blocks, and the pooler, found on the model built from config.json on the meta
+    device), read lazily from the safetensors files without loading the model. None without safetensors
+    files or where the selection cannot be found here (the trainer checks)."""
     import torch
     from safetensors import safe_open
 
-    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
+    from finetune.report.accounting import pruned_weight_names
     model_dir = Path(model_dir)
     if (model_dir / SAFE_INDEX).is_file():
-        shards = sorted(set(json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"].values()))
-        files = [model_dir / s for s in shards]
+        weight_map = json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"]
     elif (model_dir / SAFE_WEIGHTS).is_file():
-        files = [model_dir / SAFE_WEIGHTS]
+        with safe_open(str(model_dir / SAFE_WEIGHTS), framework="pt") as weights:
+            weight_map = dict.fromkeys(weights.keys(), SAFE_WEIGHTS)
     else:
         return None
-    patterns = [re.compile(p) for p in DEFAULT_INCLUDE]
+    try:
+        names, _ = pruned_weight_names(model_dir, list(weight_map))
+    except ValueError:
+        return None
     zeros = total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as weights:
-            for name in weights.keys():
-                if not name.endswith(".weight") or not any(p.fullmatch(name[:-len(".weight")]) for p in patterns):
-                    continue
-                if len(weights.get_slice(name).get_shape()) != 2:
-                    continue
+    for file in sorted({weight_map[n] for n in names}):
+        with safe_open(str(model_dir / file), framework="pt") as weights:
+            for name in (n for n in names if weight_map[n] == file):
                 tensor = weights.get_tensor(name)
                 total += tensor.numel()
                 zeros += tensor.numel() - int(torch.count_nonzero(tensor))

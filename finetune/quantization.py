@@ -240,14 +240,14 @@ def x86_engine() -> Iterator[str]:
         torch.backends.quantized.engine = previous
 
 
-def quantizable_linears(model: nn.Module, include: Sequence[str] = DEFAULT_INCLUDE,
+def quantizable_linears(model: nn.Module, include: Optional[Sequence[str]] = DEFAULT_INCLUDE,
                         exclude: Sequence[str] = ()) -> list[str]:
     """Names of the Linear modules to quantize: the pruning selection (every encoder Linear and the
     pooler by default)."""
     return [name[:-len(".weight")] for name, _ in find_prunable(model, ("Linear",), include, exclude)]
 
 
-def prepare_qat(model: nn.Module, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
+def prepare_qat(model: nn.Module, include: Optional[Sequence[str]] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
                 per_channel: bool = False, reduce_range: bool = True,
                 ema_decay: float = 0.9999) -> nn.Module:
     """Swap the selected Linears for :class:`QATLinear`, in place (the weights stay the same

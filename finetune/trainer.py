@@ -26,7 +26,7 @@ from finetune.heads import head_for
 from finetune.monitoring import LOG_EVERY, TrainingWindow, eval_scalars, evaluation_due
 from finetune.recipe import FinetuneRecipe
 from sparse_pretrain.core.distill import KDTerms, distillation_terms
-from sparse_pretrain.core.masks import whole_parameters
+from sparse_pretrain.core.masks import describe_selection, whole_parameters
 from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.runtime import checkpoints
 from sparse_pretrain.runtime.atomic import replacing_dir, write_text
@@ -272,6 +272,9 @@ def run(recipe: FinetuneRecipe) -> dict:
     pruner, shards = pruner_for(accelerator, unwrapped, model, pruning) if pruning else (None, None)
     if pruner is not None:
         engine.prune_with(pruner, shards)
+    if engine.masks is not None:                         # what is locked or pruned, before any step
+        accelerator.print(f"{'pattern-lock' if lock else 'fine-tune pruning'}: "
+                          + describe_selection([p.name for p in engine.masks.params]))
     mask_updates = []                                    # (fine-tune pruning) the masks at each update
     history = []                                         # the evaluations during training
     window = TrainingWindow(accelerator.device, distilled=teacher is not None)   # the scalars' window

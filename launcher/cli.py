@@ -23,6 +23,13 @@ def cmd_schedule(args) -> int:
         from sparse_pretrain.runtime.errors import UserError
         raise UserError(f"--steps {bad}: outside [0, training.total_steps = {recipe.training.total_steps})")
     print(describe(recipe))
+    if recipe.stage == "student":
+        from sparse_pretrain.preflight import pruned_selection
+        from sparse_pretrain.runtime.errors import UserError
+        try:
+            print("pruned: " + pruned_selection(recipe))
+        except UserError as err:         # a hub model not fetched yet: the curves need no model
+            print(f"pruned: not shown here ({err})")
     print(format_table(schedule_rows(recipe, steps)))
     if args.plot:
         print(f"plot written to {plot_schedule(recipe, args.plot)}")

@@ -72,6 +72,21 @@ def hub_items(recipe, dataset: bool = True) -> list[HubItem]:
     return [item for item in items if item is not None]
 
 
+def pruned_selection(recipe) -> str:
+    """The weights a student recipe prunes, found on a meta-device skeleton of its model (config.json
+    only), as :func:`~sparse_pretrain.core.masks.describe_selection` words them. UserError where the model's
+    config cannot be read, ConfigError where the selection is wrong (a pattern that matches nothing)."""
+    from sparse_pretrain.core.masks import describe_selection
+    from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
+    config = load_config("model.name_or_path", model_source("model.name_or_path", recipe.model.name_or_path,
+                                                            weights=False))
+    d = recipe.data
+    nsp = d.nsp == "true" if d.nsp != "auto" else config.model_type in NSP_MODEL_TYPES
+    selected = recipe.pruning.check_against_model(meta_skeleton(pretraining_class("model.name_or_path", config, nsp),
+                                                                config))
+    return describe_selection([name for name, _ in selected], [p.numel() for _, p in selected])
+
+
 def _prepared_already(recipe) -> bool:
     """The rows prepare-data would build are there (it then reads no dataset)."""
     from sparse_pretrain.data.prepare import INFO_FILE, prepared_path

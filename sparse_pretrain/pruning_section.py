@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from sparse_pretrain.core.gmp_schedule import GMPSchedule, schedule_problems
 from sparse_pretrain.core.lr_rewind import RewoundLinearLR
-from sparse_pretrain.core.masks import DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, find_prunable
+from sparse_pretrain.core.masks import DEFAULT_MODULE_TYPES, find_prunable
 from sparse_pretrain.core.methods import PRUNING_METHODS, build_method
 from sparse_pretrain.runtime.schema import ConfigError, Fraction, NonNegativeInt, PositiveInt, Section, Text, rule
 
@@ -39,8 +39,9 @@ class PruningConfig(Section):
     m: PositiveInt = 4
     module_types: Annotated[list[Text], Field(min_length=1, description="a non-empty list of module class names, "
                                                                         "e.g. [Linear]")] = list(DEFAULT_MODULE_TYPES)
-    include: Annotated[list[Text], Field(min_length=1, description="a non-empty list of regexes (module names "
-                                                                   "to prune)")] = list(DEFAULT_INCLUDE)
+    # unset: every Linear inside the model's repeated blocks, and the pooler (core.masks.structural_selection)
+    include: Annotated[Optional[list[Text]], Field(min_length=1, description="a non-empty list of regexes "
+                                                                          "(module names to prune)")] = None
     exclude: Annotated[list[Text], Field(description="a list of regexes (module names not to prune)")] = []
 
     @field_validator("method")

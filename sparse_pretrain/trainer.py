@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sparse_pretrain.core.masks import describe_selection
 from sparse_pretrain.core.pruner import GradualPruner
 from sparse_pretrain.pretraining_loss import heads_at, mlm_logits, pretraining_losses
 from sparse_pretrain.recipe import Recipe
@@ -222,6 +223,8 @@ def run(recipe: Recipe) -> Path:
             held = sum(m.numel() for m in pruner.masks.values())
             print(f"pruning {len(pruned_names)} weights; this rank's masks: {held:,} bytes "
                   f"for {sum(p.shape.numel() for p in pruner.params):,} pruned weights")
+            print("pruned: " + describe_selection([p.name for p in pruner.params],
+                                                  [p.shape.numel() for p in pruner.params]))
 
     # loss, loss_pt, loss_kd, kd_kl (logged, not optimized), tokens, rows
     sums = torch.zeros(6, dtype=torch.float64, device=engine.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from bench.fidelity.study import SPARSITY, TASK_VARIANTS, Stage, multiple
@@ -20,11 +19,11 @@ def sparsity_check(model_dir: Path, target: float = SPARSITY) -> dict:
     holds exactly the count the target asks for."""
     from safetensors.torch import load_file
 
-    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
+    from finetune.report.accounting import pruned_weight_names
     from sparse_pretrain.core.threshold import pruned_count
     state = load_file(model_dir / "model.safetensors")
-    layers = {k: (int((v == 0).sum()), v.numel()) for k, v in state.items()
-              if k.endswith(".weight") and v.ndim == 2 and re.fullmatch(DEFAULT_INCLUDE[0], k[:-len(".weight")])}
+    names, _ = pruned_weight_names(model_dir, list(state))
+    layers = {k: (int((state[k] == 0).sum()), state[k].numel()) for k in names}
     zeros, total = sum(z for z, _ in layers.values()), sum(n for _, n in layers.values())
     return {"encoder_sparsity": zeros / total, "pruned_layers": len(layers),
             "exact_per_layer": all(z == pruned_count(target, n) for z, n in layers.values())}

@@ -4,8 +4,8 @@ compression ratio and the real one, measured in bytes on disk (:func:`build_repo
 The *nominal* ratio is the paper's: fp32 dense bits over the bits of the nonzero values at the
 stored precision (90% sparse + int8 = 32 / (0.1 * 8) = 40x); it ignores the positions, scales and
 zero points a real format needs. Its "encoder" is the pruned set: the weight matrices of every
-Linear of the encoder and the pooler (:func:`sparse_pretrain.core.masks.find_prunable` with the recipe's
-default patterns), not biases, LayerNorm, embeddings or task heads. The whole-model figure counts
+Linear inside the model's repeated blocks and the pooler (:func:`sparse_pretrain.core.masks.find_prunable`
+with the recipe's selection), not biases, LayerNorm, embeddings or task heads. The whole-model figure counts
 every floating-point tensor of the checkpoint, the pruned ones by their nonzeros and the rest dense.
 The *real* ratio compares the dense fp32 safetensors file with the compact export
 (:mod:`finetune.report.storage`), both measured.
@@ -34,8 +34,8 @@ from finetune.report.storage import (
 from sparse_pretrain.core.masks import DEFAULT_INCLUDE, DEFAULT_MODULE_TYPES, find_prunable
 
 ENCODER_DEFINITION = (
-    "the weight matrices of the pruned Linear layers: every Linear of the encoder and the pooler "
-    "(find_prunable's selection); biases, LayerNorm, embeddings and task heads are not counted")
+    "the weight matrices of the pruned Linear layers: by default every Linear inside the model's repeated "
+    "blocks and the pooler (find_prunable's selection); biases, LayerNorm, embeddings and heads are not counted")
 WHOLE_MODEL_DEFINITION = (
     "every floating-point tensor of the checkpoint: the pruned weights by their nonzero values, all "
     "others (embeddings, biases, LayerNorm, heads) dense at their stored precision")
@@ -57,13 +57,14 @@ def _match_name(name: str, names: Sequence[str]) -> Optional[str]:
 
 def pruned_weight_names(model_dir: str | Path, names: Sequence[str],
                         module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
-                        include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
+                        include: Optional[Sequence[str]] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
                         shapes: Optional[Mapping[str, torch.Size]] = None) -> tuple[list[str], str]:
     """The checkpoint names of the pruned weights and how they were found.
 
     First choice: :func:`find_prunable` on the model built from ``config.json`` on the meta device
     (no weights allocated). Without a buildable config: the same ``include``/``exclude`` patterns on
-    the checkpoint's 2-D ``*.weight`` tensors (a pattern names a module, the tensor is its weight).
+    the checkpoint's 2-D ``*.weight`` tensors (a pattern names a module, the tensor is its weight); the
+    default (``include`` None) is the model's structure, which needs the model.
     """
     model_dir = Path(model_dir)
     try:
@@ -82,12 +83,22 @@ def pruned_weight_names(model_dir: str | Path, names: Sequence[str],
         if missing:
             raise ValueError(f"{model_dir}: pruned weights {missing[:5]} of {type(model).__name__} are not "
                              "in the checkpoint")
+        chosen = "the repeated blocks and the pooler" if include is None else list(include)
         return resolved, (f"find_prunable on {type(model).__name__} built from config.json on the meta device "
-                          f"(module types {list(module_types)}, include {list(include)}, exclude {list(exclude)})")
+                          f"(module types {list(module_types)}, include {chosen}, exclude {list(exclude)})")
     shapes = shapes or {}
-    selected = [n for n in names if n.endswith(".weight") and len(shapes.get(n, (0, 0))) == 2
-                and any(re.fullmatch(p, n[:-len(".weight")]) for p in include)
-                and not any(re.fullmatch(p, n[:-len(".weight")]) for p in exclude)]
+    two_d = [n for n in names if n.endswith(".weight") and len(shapes.get(n, (0, 0))) == 2
+             and not any(re.fullmatch(p, n[:-len(".weight")]) for p in exclude)]
+    if include is None:      # the structure read from the names: the 2-D weights of numbered layers, the pooler
+        stacked = [n for n in two_d if re.match(r"(.+?)\.\d+\.", n)]
+        stacks = {re.match(r"(.+?)\.\d+\.", n)[1] for n in stacked}
+        selected = [n for n in two_d if n in stacked or re.fullmatch(r"(.*\.)?pooler\.dense\.weight", n)]
+        if not stacks:
+            raise ValueError(f"{model_dir}: no model could be built from config.json ({why}) and no 2-D weight "
+                             "of the checkpoint is in a numbered layer: name the pruned modules with include patterns")
+        return selected, (f"the 2-D weights of the numbered layers of {', '.join(sorted(stacks))} and the pooler, "
+                          f"by name (no model could be built from config.json: {why})")
+    selected = [n for n in two_d if any(re.fullmatch(p, n[:-len(".weight")]) for p in include)]
     if not selected:
         raise ValueError(f"{model_dir}: no model could be built from config.json ({why}) and the patterns "
                          f"{list(include)} match no 2-D weight of the checkpoint")
@@ -118,7 +129,7 @@ def compare_metrics(metrics: Optional[Mapping[str, float]], baseline: Optional[M
 def build_report(model_dir: str | Path, *, quantized: Optional[Mapping[str, QuantizedLike]] = None,
                  metrics: Optional[Mapping[str, float]] = None, baseline: Optional[Mapping[str, float]] = None,
                  compact_path: Optional[str | Path] = None,
-                 module_types: Sequence[str] = DEFAULT_MODULE_TYPES, include: Sequence[str] = DEFAULT_INCLUDE,
+                 module_types: Sequence[str] = DEFAULT_MODULE_TYPES, include: Optional[Sequence[str]] = DEFAULT_INCLUDE,
                  exclude: Sequence[str] = ()) -> dict:
     """The compression report of a (sparse, optionally int8) Hugging Face model directory, JSON-able.
 

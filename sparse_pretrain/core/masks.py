@@ -22,10 +22,9 @@ from torch import nn
 
 from sparse_pretrain.core.threshold import AllReduce
 
-#: Every Linear of a BERT (encoder.layer.N) or DistilBERT (transformer.layer.N) encoder and the
-#: pooler; not embeddings, MLM/NSP or task heads. One pattern, so that it matches either family.
-DEFAULT_INCLUDE = (r"(.*\.)?((encoder|transformer)\.layer\.\d+\..+|pooler\.dense)",)
 DEFAULT_MODULE_TYPES = ("Linear",)
+#: ``include`` left unset (None): the model's structure decides what is pruned (:func:`structural_selection`)
+DEFAULT_INCLUDE = None
 
 
 @dataclass
@@ -62,18 +61,71 @@ class PrunedParameter:
         return cls(name, param.shape, lambda: [param.data.view(-1)], grad)
 
 
+def layer_count(model: nn.Module) -> Optional[int]:
+    """How many layers the model's config says it runs (``num_hidden_layers``; DistilBERT's ``n_layers``
+    and GPT-2's ``n_layer`` are mapped to it by transformers), or None for a model without one."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's stacks of layers: the outermost ``ModuleList``s whose entries are distinct
+    modules of one class, as many as the config's ``num_hidden_layers`` (two or more where the model
+    has no config). ``bert.encoder.layer``, ``distilbert.transformer.layer``, ``model.layers`` (Llama,
+    Qwen2, Mistral, ModernBERT), ``transformer.h`` (GPT-2); lists nested in a block (a mixture of
+    experts) belong to it.
+
+    Raises ValueError where the config counts layers that no such list holds: the layers share their
+    weights (ALBERT runs one layer group ``num_hidden_layers`` times), so a layer cannot be pruned on its
+    own, and the selection has to be named with ``pruning.include``."""
+    count = layer_count(model)
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(f + ".") for f in found):
+            continue
+        entries = list(module)
+        if (len(entries) == count if count else len(entries) >= 2) and len({type(e) for e in entries}) == 1 \
+                and len({id(e) for e in entries}) == len(entries):
+            found.append(name)
+    if not found:
+        shared = f"its config runs {count} layers (num_hidden_layers) but no list holds {count} distinct ones: " \
+                 "its layers share weights (as ALBERT's do), so pruning one layer would prune them all" \
+            if count else "it has no list of two or more layers of one class"
+        raise ValueError(f"pruning.include: cannot derive the weights to prune from {type(model).__name__}'s "
+                         f"structure: {shared}; name the modules to prune with pruning.include (regexes)")
+    return found
+
+
+def structural_selection(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE_TYPES) -> list[str]:
+    """Module names the default selection prunes: every module of ``module_types`` inside the model's
+    repeated blocks (:func:`repeated_blocks`), and the backbone's pooler (BERT's ``pooler.dense``: the
+    paper prunes every Linear of the encoder, pooler included). Not embeddings or their projections,
+    MLM/LM heads, or task heads (a classifier, DeBERTa's task-head pooler) outside the backbone."""
+    blocks = repeated_blocks(model)
+    base = getattr(model, "base_model", model)
+    pooler = getattr(base, "pooler", None)
+    owners = {id(module): name for name, module in model.named_modules()}
+    pooler_name = owners.get(id(pooler)) if isinstance(pooler, nn.Module) else None
+    roots = tuple(f"{b}." for b in blocks) + ((f"{pooler_name}.",) if pooler_name else ())
+    return [name for name, module in model.named_modules()
+            if (f"{name}.".startswith(roots) or name == pooler_name)
+            and any(cls.__name__ in module_types for cls in type(module).__mro__)
+            and isinstance(getattr(module, "weight", None), torch.Tensor)]
+
+
 def find_prunable(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
-                  include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
+                  include: Optional[Sequence[str]] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
                   ) -> list[tuple[str, nn.Parameter]]:
-    """The ``weight`` of every module whose type (or a base class) is named in ``module_types``,
-    whose name fully matches one ``include`` regex and no ``exclude`` regex, in model order.
+    """The ``weight`` of every module whose type (or a base class) is named in ``module_types``, selected
+    by the model's structure (``include`` None: :func:`structural_selection`) or by name (a module's name
+    fully matches one ``include`` regex), and whose name matches no ``exclude`` regex; in model order.
 
     A pattern that selects nothing is an error naming the config key (``pruning.include[i]``).
     """
     candidates = [(name, module) for name, module in model.named_modules()
                   if any(cls.__name__ in module_types for cls in type(module).__mro__)
                   and isinstance(getattr(module, "weight", None), torch.Tensor)]
-    for key, patterns in (("include", include), ("exclude", exclude)):
+    for key, patterns in (("include", include or ()), ("exclude", exclude)):
         for i, pattern in enumerate(patterns):
             try:
                 regex = re.compile(pattern)
@@ -82,12 +134,40 @@ def find_prunable(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE
             if not any(regex.fullmatch(name) for name, _ in candidates):
                 raise ValueError(f"pruning.{key}[{i}]: pattern {pattern!r} matches no "
                                  f"{'/'.join(module_types)} module of {type(model).__name__}")
+    if include is None:
+        chosen = set(structural_selection(model, module_types))
+        candidates = [(name, module) for name, module in candidates if name in chosen]
+    else:
+        candidates = [(name, module) for name, module in candidates if any(re.fullmatch(p, name) for p in include)]
     selected = [(f"{name}.weight", module.weight) for name, module in candidates
-                if any(re.fullmatch(p, name) for p in include)
-                and not any(re.fullmatch(p, name) for p in exclude)]
+                if not any(re.fullmatch(p, name) for p in exclude)]
     if not selected:
         raise ValueError("pruning.include/exclude: together they select no weight to prune")
     return selected
+
+
+def describe_selection(names: Sequence[str], numels: Optional[Sequence[int]] = None) -> str:
+    """The pruned weights in a few lines: per stack of numbered layers, how many layers and the
+    weights of one (``bert.encoder.layer.{0..11}: attention.self.query, ...``), then the others."""
+    groups: dict[str, dict] = {}
+    others = []
+    for name in names:
+        found = re.match(r"(.*?)\.(\d+)\.(.+)\.weight$", name)
+        if found:
+            group = groups.setdefault(found[1], {"layers": set(), "weights": {}})
+            group["layers"].add(int(found[2]))
+            group["weights"][found[3]] = None
+        else:
+            others.append(name[:-len(".weight")] if name.endswith(".weight") else name)
+    lines = [f"{len(names)} weights" + (f", {sum(numels):,} elements" if numels is not None else "")]
+    for stack, group in groups.items():
+        layers = sorted(group["layers"])
+        span = f"{{{layers[0]}..{layers[-1]}}}" if layers == list(range(layers[0], layers[-1] + 1)) else \
+            "{" + ",".join(map(str, layers)) + "}"
+        lines.append(f"  {stack}.{span}: {', '.join(group['weights'])}")
+    if others:
+        lines.append(f"  and {', '.join(others)}")
+    return "\n".join(lines)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

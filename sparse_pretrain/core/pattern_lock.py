@@ -6,7 +6,7 @@ end: a pruned weight that became nonzero is an error (:class:`SparsityPatternErr
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from torch import nn
 
@@ -29,6 +29,6 @@ class PatternLock(MaskedParameters):
         self._masks_changed()
 
     @classmethod
-    def from_model(cls, model: nn.Module, module_types=DEFAULT_MODULE_TYPES, include=DEFAULT_INCLUDE,
-                   exclude=()) -> "PatternLock":
+    def from_model(cls, model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
+                   include: Optional[Sequence[str]] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()) -> "PatternLock":
         return cls(whole_parameters(find_prunable(model, module_types, include, exclude)))

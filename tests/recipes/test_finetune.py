@@ -84,14 +84,13 @@ def launch(recipe, out, *flags, extra=(), extensions_dir=None):
 
 
 def zeros_of(model_dir):
-    import re
-
+    """The zeros of each weight the default selection prunes (found on the model built from its config)."""
     from safetensors.torch import load_file
 
-    from sparse_pretrain.core.masks import DEFAULT_INCLUDE
+    from finetune.report.accounting import pruned_weight_names
     state = load_file(Path(model_dir) / "model.safetensors")
-    return {k: v == 0 for k, v in state.items() if k.endswith(".weight") and v.ndim == 2
-            and re.fullmatch(DEFAULT_INCLUDE[0], k[:-len(".weight")])}
+    names, _ = pruned_weight_names(model_dir, list(state))
+    return {k: state[k] == 0 for k in names}
 
 
 def divergence_from_teacher(model_dir, teacher_dir, files):

@@ -216,7 +216,8 @@ def test_selection_by_patterns_without_config(sparse_dir, tmp_path):
     shutil.copy(root / "sparse" / "model.safetensors", bare / "model.safetensors")
     report = build_report(bare)
     assert sorted(row["name"] for row in report["layers"]) == sorted(names)  # checkpoint order here
-    assert report["selection"]["method"].startswith("include")
+    assert report["selection"]["method"].startswith("the 2-D weights of the numbered layers of bert.encoder.layer")
+    assert build_report(bare, include=[r".*\.query"])["selection"]["method"].startswith("include")
 
 
 def test_bad_quantized_input_fails_clearly(sparse_dir):

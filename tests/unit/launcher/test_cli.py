@@ -37,6 +37,14 @@ def test_schedule_prints_the_paper_curves_at_chosen_steps():
     assert rows[75000][4] == f"{25000 / 49000:.5f}"
 
 
+def test_schedule_prints_what_the_student_prunes_one_line_per_stack_of_layers():
+    out = prune_ofa("schedule", "--config", ROOT / "configs" / "minilm-l6-85.yaml",
+                    "model.name_or_path=packaged:minilm-l6", "--steps", 0).stdout.splitlines()
+    at = out.index("pruned: 37 weights, 10,764,288 elements")       # 6 layers x 6 Linears, and the pooler
+    assert out[at + 1].startswith("  bert.encoder.layer.{0..5}: attention.self.query, ")
+    assert out[at + 2] == "  and bert.pooler.dense"
+
+
 def test_schedule_plot_is_a_png(tmp_path):
     target = tmp_path / "plots" / "schedule.png"
     prune_ofa("schedule", "--config", CONFIG, "--plot", target, "training.total_steps=20000",
