@@ -80,6 +80,9 @@ def test_student_pruning_exports_exact_sparsity(setup, world_size, stage, method
             blocks = z.view(z.shape[0], -1, 4)
             assert bool((blocks.all(-1) == blocks.any(-1)).all()), name
     assert report["target"] == final
+    printed = done.stdout.split("pruned: ")[1].splitlines()          # the selection, at start-up
+    assert printed[0].startswith("13 weights, ") and printed[2] == "  and bert.pooler.dense"
+    assert printed[1].startswith("  bert.encoder.layer.{0..1}: attention.self.query, ")
     held = int(done.stdout.split("this rank's masks: ")[1].split(" bytes")[0].replace(",", ""))
     total = sum(z.numel() for z in zeros.values())
     if stage == 3:
