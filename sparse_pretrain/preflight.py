@@ -72,18 +72,22 @@ def hub_items(recipe, dataset: bool = True) -> list[HubItem]:
     return [item for item in items if item is not None]
 
 
+def config_nsp(recipe, config) -> bool:
+    """``data.nsp`` resolved against the model's config already read (resolve_nsp reads it itself)."""
+    from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
+    d = recipe.data
+    return d.nsp == "true" if d.nsp != "auto" else config.model_type in NSP_MODEL_TYPES
+
+
 def pruned_selection(recipe) -> str:
     """The weights a student recipe prunes, found on a meta-device skeleton of its model (config.json
     only), as :func:`~sparse_pretrain.core.masks.describe_selection` words them. UserError where the model's
     config cannot be read, ConfigError where the selection is wrong (a pattern that matches nothing)."""
     from sparse_pretrain.core.masks import describe_selection
-    from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
     config = load_config("model.name_or_path", model_source("model.name_or_path", recipe.model.name_or_path,
                                                             weights=False))
-    d = recipe.data
-    nsp = d.nsp == "true" if d.nsp != "auto" else config.model_type in NSP_MODEL_TYPES
-    selected = recipe.pruning.check_against_model(meta_skeleton(pretraining_class("model.name_or_path", config, nsp),
-                                                                config))
+    skeleton = meta_skeleton(pretraining_class("model.name_or_path", config, config_nsp(recipe, config)), config)
+    selected = recipe.pruning.check_against_model(skeleton)
     return describe_selection([name for name, _ in selected], [p.numel() for _, p in selected])
 
 
@@ -96,7 +100,6 @@ def _prepared_already(recipe) -> bool:
 def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
     """Everything a pre-training run (``prepare_only``: ``prune-ofa prepare-data``) reads. Sets
     ``recipe.model.attn_implementation`` to one the model supports; returns the overrides it applied."""
-    from sparse_pretrain.data.prepare import NSP_MODEL_TYPES
     m, d, t = recipe.model, recipe.data, recipe.training
     tokenizer_key = "data.tokenizer_name_or_path" if d.tokenizer_name_or_path else "model.name_or_path"
     fetch = fetch_command(hub_items(recipe, dataset=prepare_only))
@@ -115,7 +118,7 @@ def check_pretrain(recipe, prepare_only: bool = False) -> list[str]:
                             f"in ds_configs/)")
     config = load_config("model.name_or_path", student)
     check_tokenizer(tokenizer_key, tokenizer, pretraining=True)
-    nsp = d.nsp == "true" if d.nsp != "auto" else config.model_type in NSP_MODEL_TYPES
+    nsp = config_nsp(recipe, config)
     classes = [pretraining_class("model.name_or_path", config, nsp)]
     if prepare_only:
         if not d.data_files and d.dataset_name:

@@ -90,9 +90,9 @@ def pruned_weight_names(model_dir: str | Path, names: Sequence[str],
     two_d = [n for n in names if n.endswith(".weight") and len(shapes.get(n, (0, 0))) == 2
              and not any(re.fullmatch(p, n[:-len(".weight")]) for p in exclude)]
     if include is None:      # the structure read from the names: the 2-D weights of numbered layers, the pooler
-        stacked = [n for n in two_d if re.match(r"(.+?)\.\d+\.", n)]
-        stacks = {re.match(r"(.+?)\.\d+\.", n)[1] for n in stacked}
-        selected = [n for n in two_d if n in stacked or re.fullmatch(r"(.*\.)?pooler\.dense\.weight", n)]
+        stack_of = {n: found[1] for n in two_d if (found := re.match(r"(.+?)\.\d+\.", n))}
+        stacks = set(stack_of.values())
+        selected = [n for n in two_d if n in stack_of or re.fullmatch(r"(.*\.)?pooler\.dense\.weight", n)]
         if not stacks:
             raise ValueError(f"{model_dir}: no model could be built from config.json ({why}) and no 2-D weight "
                              "of the checkpoint is in a numbered layer: name the pruned modules with include patterns")

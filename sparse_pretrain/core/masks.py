@@ -61,6 +61,14 @@ class PrunedParameter:
         return cls(name, param.shape, lambda: [param.data.view(-1)], grad)
 
 
+def typed_modules(model: nn.Module, module_types: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose type (or a base class) is named in ``module_types`` and
+    that has a ``weight`` tensor, in model order."""
+    return [(name, module) for name, module in model.named_modules()
+            if any(cls.__name__ in module_types for cls in type(module).__mro__)
+            and isinstance(getattr(module, "weight", None), torch.Tensor)]
+
+
 def layer_count(model: nn.Module) -> Optional[int]:
     """How many layers the model's config says it runs (``num_hidden_layers``; DistilBERT's ``n_layers``
     and GPT-2's ``n_layer`` are mapped to it by transformers), or None for a model without one."""
@@ -107,10 +115,8 @@ def structural_selection(model: nn.Module, module_types: Sequence[str] = DEFAULT
     owners = {id(module): name for name, module in model.named_modules()}
     pooler_name = owners.get(id(pooler)) if isinstance(pooler, nn.Module) else None
     roots = tuple(f"{b}." for b in blocks) + ((f"{pooler_name}.",) if pooler_name else ())
-    return [name for name, module in model.named_modules()
-            if (f"{name}.".startswith(roots) or name == pooler_name)
-            and any(cls.__name__ in module_types for cls in type(module).__mro__)
-            and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    return [name for name, _ in typed_modules(model, module_types)
+            if f"{name}.".startswith(roots) or name == pooler_name]
 
 
 def find_prunable(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE_TYPES,
@@ -122,9 +128,7 @@ def find_prunable(model: nn.Module, module_types: Sequence[str] = DEFAULT_MODULE
 
     A pattern that selects nothing is an error naming the config key (``pruning.include[i]``).
     """
-    candidates = [(name, module) for name, module in model.named_modules()
-                  if any(cls.__name__ in module_types for cls in type(module).__mro__)
-                  and isinstance(getattr(module, "weight", None), torch.Tensor)]
+    candidates = typed_modules(model, module_types)
     for key, patterns in (("include", include or ()), ("exclude", exclude)):
         for i, pattern in enumerate(patterns):
             try:
